@@ -1,0 +1,143 @@
+"""The training state pytree, the optimizer, and sharded state creation.
+
+State is created through ``jax.eval_shape`` and a ``jax.jit`` whose ``out_shardings`` come from the
+logical-axis table, so each device only ever materialises its own shards (nanodo
+``_init_train_state``, flax ``setup_initial_state``). Parameters loaded from disk take the other
+path, :func:`place_train_state`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from rlhf_jax.configs import OptimizerConfig
+from rlhf_jax.sharding import Rules, logical_to_sharding, replicated
+
+Params = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and returns; a pytree of arrays, donated to each step.
+
+    ``frozen`` holds parameters a step reads but never trains (the reference policy of DPO, a
+    reward model): they are not seen by the optimizer and come back unchanged. ``{}`` when unused.
+    """
+
+    step: jax.Array
+    """Step calls so far (micro-batches when gradients are accumulated), int32."""
+    params: Params
+    """Trainable parameters."""
+    opt_state: optax.OptState
+    """Optimizer state for ``params``."""
+    frozen: Params
+    """Parameters read but not trained."""
+
+    def apply_gradients(self, grads: Params, optimizer: optax.GradientTransformation) -> "TrainState":
+        """One optimizer call (an update, or one accumulation micro-step under ``optax.MultiSteps``)."""
+        updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
+        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state)
+
+
+def _is_matrix(params: Params) -> Params:
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    """Linear warmup from 0 to the peak, then cosine decay to ``end_lr_ratio * peak`` at ``total_steps``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.total_steps, end_value=cfg.end_lr_ratio * cfg.learning_rate)
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """AdamW (decay on matrices only) after global-norm clipping, accumulated over ``grad_accum_steps``."""
+    tx = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                     weight_decay=cfg.weight_decay, mask=_is_matrix)
+    if cfg.max_grad_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)
+    if cfg.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps).gradient_transformation()
+    return tx
+
+
+def state_shardings(abstract_state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    rules: Rules, axes_tree: Any, frozen_axes: Any = None) -> TrainState:
+    """NamedSharding for every leaf of a (shape-only) state.
+
+    Optimizer moments follow their parameter (``optax.tree_map_params``); counters are replicated.
+    """
+    params = logical_to_sharding(axes_tree, mesh, rules, abstract_state.params)
+    frozen = logical_to_sharding(frozen_axes if frozen_axes is not None else {}, mesh, rules, abstract_state.frozen)
+    opt_state = _opt_state_shardings(optimizer, abstract_state.opt_state, params, mesh)
+    return TrainState(step=replicated(mesh), params=params, opt_state=opt_state, frozen=frozen)
+
+
+def _opt_state_shardings(optimizer: optax.GradientTransformation, abstract_opt_state: optax.OptState,
+                         param_shardings: Any, mesh: Mesh) -> Any:
+    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_opt_state, param_shardings,
+                                 transform_non_params=lambda _: replicated(mesh))
+
+
+def _state_init(init_fn: Callable[[], Params], optimizer: optax.GradientTransformation,
+                frozen_init_fn: Callable[[], Params] | None) -> Callable[[], TrainState]:
+    def init() -> TrainState:
+        params = init_fn()
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          frozen=frozen_init_fn() if frozen_init_fn is not None else {})
+    return init
+
+
+def abstract_train_state(init_fn: Callable[[], Params], optimizer: optax.GradientTransformation, mesh: Mesh,
+                         rules: Rules, axes_tree: Any, *, frozen_init_fn: Callable[[], Params] | None = None,
+                         frozen_axes: Any = None) -> TrainState:
+    """The state as ``ShapeDtypeStruct``s carrying their target shardings; no memory is allocated.
+
+    This is the restore target for :func:`rlhf_jax.checkpoint.restore` (on any mesh).
+    """
+    shapes = jax.eval_shape(_state_init(init_fn, optimizer, frozen_init_fn))
+    shardings = state_shardings(shapes, optimizer, mesh, rules, axes_tree, frozen_axes)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def create_train_state(init_fn: Callable[[], Params], optimizer: optax.GradientTransformation, mesh: Mesh,
+                       rules: Rules, axes_tree: Any, *, frozen_init_fn: Callable[[], Params] | None = None,
+                       frozen_axes: Any = None) -> TrainState:
+    """Initialise a sharded state: shapes by ``eval_shape``, values by a jit with those ``out_shardings``.
+
+    ``init_fn()`` returns the trainable params (close over the PRNG key); ``axes_tree`` names their
+    axes (``models.param_logical_axes``). ``frozen_init_fn`` / ``frozen_axes`` do the same for
+    ``state.frozen``.
+    """
+    abstract = abstract_train_state(init_fn, optimizer, mesh, rules, axes_tree,
+                                    frozen_init_fn=frozen_init_fn, frozen_axes=frozen_axes)
+    return jax.jit(_state_init(init_fn, optimizer, frozen_init_fn), out_shardings=shardings_of(abstract))()
+
+
+def place_train_state(params: Params, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules,
+                      axes_tree: Any, *, frozen: Params | None = None, frozen_axes: Any = None) -> TrainState:
+    """A sharded state around already-loaded parameters (``models.load_pretrained``, host or device).
+
+    Parameters are copied onto their shardings (``frozen`` never shares buffers with ``params``,
+    so the same loaded tree can serve as both policy and reference); the optimizer state is
+    created in place by a jit with ``out_shardings``.
+    """
+    frozen = frozen if frozen is not None else {}
+    param_sh = logical_to_sharding(axes_tree, mesh, rules, params)
+    frozen_sh = logical_to_sharding(frozen_axes if frozen_axes is not None else {}, mesh, rules, frozen)
+    params = jax.device_put(params, param_sh, may_alias=False)
+    frozen = jax.device_put(frozen, frozen_sh, may_alias=False)
+    opt_sh = _opt_state_shardings(optimizer, jax.eval_shape(optimizer.init, params), param_sh, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
+    return TrainState(step=step, params=params, opt_state=opt_state, frozen=frozen)
+
+
+def shardings_of(tree: Any) -> Any:
+    """The ``.sharding`` of every leaf (arrays or ShapeDtypeStructs): in/out shardings for jit."""
+    return jax.tree.map(lambda x: x.sharding, tree)
