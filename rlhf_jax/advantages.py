@@ -1,0 +1,182 @@
+"""Rewards and advantages for RL on language models: per-token rewards, GAE, RLOO, GRPO.
+
+Shapes: ``B`` rows (episodes), ``T`` response tokens, ``N`` samples per prompt.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import ops
+
+
+def per_token_rewards(
+    scores_B: jax.Array,
+    kl_BT: jax.Array,
+    response_mask_BT: jax.Array,
+    *,
+    kl_coef: float | jax.Array,
+    missing_eos_penalty: float | None = None,
+    has_eos_B: jax.Array | None = None,
+) -> jax.Array:
+    """RLHF reward per token: −β·KL_t on every response token, plus the score on the last one.
+
+        r_t = −β · KL_t · m_t  +  s · [t = last response token]
+
+    (Ziegler et al. 2019, §2.2; Stiennon et al. 2020, eq. 1; Huang et al. 2024, "The N+
+    implementation details of RLHF with PPO"). The last response token is the last position where
+    ``response_mask_BT`` is 1. With ``missing_eos_penalty`` set, rows whose response did not end
+    with EOS (``has_eos_B`` False) get that fixed score instead of the reward model's
+    (lm-human-preferences: −1). ``kl_BT`` comes from :func:`rlhf_jax.kl.kl_penalty`; ``kl_coef`` may
+    be a traced controller value. Rows with an empty mask get all-zero rewards. Float32.
+    """
+    scores_B = jnp.asarray(scores_B, jnp.float32)
+    mask_BT = jnp.asarray(response_mask_BT, jnp.float32)
+    if missing_eos_penalty is not None:
+        if has_eos_B is None:
+            raise ValueError("missing_eos_penalty needs has_eos_B (which responses ended with EOS)")
+        scores_B = jnp.where(jnp.asarray(has_eos_B, bool), scores_B, jnp.float32(missing_eos_penalty))
+    positions_T = jnp.arange(mask_BT.shape[-1])
+    last_B = jnp.max(jnp.where(mask_BT > 0, positions_T, -1), axis=-1)
+    is_last_BT = (positions_T == last_B[:, None]).astype(jnp.float32)
+    kl_coef = jnp.asarray(kl_coef, jnp.float32)
+    return -kl_coef * jnp.asarray(kl_BT, jnp.float32) * mask_BT + scores_B[:, None] * is_last_BT
+
+
+def reward_gain_bias(reference_scores: jax.Array, *, target_mean: float = 0.0, target_std: float = 1.0, eps: float = 1e-8):
+    """Gain and bias so that ``gain · s + bias`` has mean ``target_mean`` and std ``target_std`` on a reference set.
+
+        gain = target_std / std(s_ref),   bias = target_mean − gain · mean(s_ref)
+
+    lm-human-preferences (Ziegler et al. 2019) normalises the reward model this way on samples of
+    the SFT policy, so that PPO starts with rewards of mean 0 and std 1. ``eps`` guards std = 0.
+    """
+    s = jnp.asarray(reference_scores, jnp.float32)
+    gain = target_std / (jnp.std(s) + eps)
+    return gain, target_mean - gain * jnp.mean(s)
+
+
+def normalize_scores(scores: jax.Array, gain: jax.Array, bias: jax.Array) -> jax.Array:
+    """``gain · s + bias`` (see :func:`reward_gain_bias`)."""
+    return gain * jnp.asarray(scores, jnp.float32) + bias
+
+
+@flax.struct.dataclass
+class RunningMoments:
+    """Running mean and variance of scores, merged batch by batch (Chan et al. 1979 parallel update).
+
+    For reward whitening across training (as TRL's ``RunningMoments``): ``state = state.update(s_B)``,
+    then ``state.whiten(s_B)``. Start from ``RunningMoments.create()``.
+    """
+
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array
+
+    @classmethod
+    def create(cls) -> "RunningMoments":
+        zero = jnp.zeros((), jnp.float32)
+        return cls(mean=zero, var=zero, count=zero)
+
+    def update(self, values, mask=None) -> "RunningMoments":
+        """Merge a batch (optionally masked): ``μ = μ_a + δ·n_b/n``, ``M2 = M2_a + M2_b + δ²·n_a·n_b/n``."""
+        values = jnp.asarray(values, jnp.float32)
+        mask = jnp.ones_like(values) if mask is None else jnp.asarray(mask, jnp.float32)
+        n_b = jnp.sum(mask)
+        mean_b = ops.masked_mean(values, mask)
+        m2_b = ops.masked_var(values, mask) * n_b
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        frac_b = jnp.where(n > 0, n_b / jnp.where(n > 0, n, 1.0), 0.0)
+        m2 = self.var * self.count + m2_b + jnp.square(delta) * self.count * frac_b
+        return RunningMoments(
+            mean=self.mean + delta * frac_b,
+            var=jnp.where(n > 0, m2 / jnp.where(n > 0, n, 1.0), 0.0),
+            count=n,
+        )
+
+    def whiten(self, values, *, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
+        """``(s − μ) / sqrt(σ² + eps)`` with the running moments (``+ μ`` back if not ``shift_mean``)."""
+        values = jnp.asarray(values, jnp.float32)
+        out = (values - self.mean) * jax.lax.rsqrt(self.var + eps)
+        return out + self.mean if not shift_mean else out
+
+
+def gae(
+    rewards_BT: jax.Array,
+    values_BT: jax.Array,
+    mask_BT: jax.Array,
+    *,
+    gamma: float,
+    lam: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation (Schulman et al. 2016, §3, eq. 16), by a reverse ``lax.scan``.
+
+        δ_t = r_t + γ V_{t+1} − V_t,     A_t = δ_t + γλ A_{t+1},     R_t = A_t + V_t
+
+    over the masked (response) tokens of each row, with V and A after the last response token
+    equal to 0 (the episode ends there). Masked positions are skipped: t+1 means the next
+    unmasked token, so left/right padding is ignored (and, in multi-turn data, masked
+    environment tokens are bridged). Padding positions get advantage and return 0. Float32.
+
+    Returns ``(advantages_BT, returns_BT)``.
+    """
+    rewards_TB = jnp.asarray(rewards_BT, jnp.float32).T
+    values_TB = jnp.asarray(values_BT, jnp.float32).T
+    valid_TB = jnp.asarray(mask_BT).T > 0
+
+    def step(carry, xs):
+        next_value_B, next_adv_B = carry
+        reward_B, value_B, valid_B = xs
+        delta_B = reward_B + gamma * next_value_B - value_B
+        adv_B = delta_B + gamma * lam * next_adv_B
+        carry = (jnp.where(valid_B, value_B, next_value_B), jnp.where(valid_B, adv_B, next_adv_B))
+        return carry, jnp.where(valid_B, adv_B, 0.0)
+
+    zeros_B = jnp.zeros(rewards_TB.shape[1], jnp.float32)
+    _, adv_TB = jax.lax.scan(step, (zeros_B, zeros_B), (rewards_TB, values_TB, valid_TB), reverse=True)
+    advantages_BT = adv_TB.T
+    returns_BT = jnp.where(valid_TB.T, advantages_BT + values_TB.T, 0.0)
+    return advantages_BT, returns_BT
+
+
+def whiten_advantages(advantages_BT: jax.Array, mask_BT: jax.Array, *, shift_mean: bool = True) -> jax.Array:
+    """Whiten advantages over the masked tokens of the batch (lm-human-preferences; Huang et al. 2024).
+
+    ``(A − μ)/sqrt(σ² + 1e-8)`` with masked batch moments; padding gets 0. See :func:`rlhf_jax.ops.masked_whiten`.
+    """
+    return ops.masked_whiten(advantages_BT, mask_BT, shift_mean=shift_mean)
+
+
+def rloo(scores_BN: jax.Array) -> jax.Array:
+    """REINFORCE leave-one-out advantages for N samples per prompt (Ahmadian et al. 2024, §3.2; Kool et al. 2019).
+
+        A_i = s_i − 1/(N−1) Σ_{j≠i} s_j  =  N/(N−1) · (s_i − mean_j s_j)
+
+    Row b holds the N sequence-level scores of one prompt; needs N ≥ 2.
+    """
+    scores_BN = jnp.asarray(scores_BN, jnp.float32)
+    n = scores_BN.shape[-1]
+    if n < 2:
+        raise ValueError(f"rloo needs at least 2 samples per prompt, got N={n}")
+    baseline_BN = (jnp.sum(scores_BN, axis=-1, keepdims=True) - scores_BN) / (n - 1)
+    return scores_BN - baseline_BN
+
+
+def grpo(scores_BN: jax.Array, *, eps: float = 1e-6, scale: bool = True) -> jax.Array:
+    """Group-relative advantages (GRPO, Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision).
+
+        A_i = (s_i − mean(s)) / (std(s) + eps)        (scale=True)
+        A_i =  s_i − mean(s)                          (scale=False: Dr. GRPO, Liu et al. 2025)
+
+    over the N samples of one prompt (row). ``std`` is the unbiased sample std (ddof=1, as
+    torch.std in TRL and verl); a group of identical scores gets advantage 0. Needs N ≥ 2.
+    """
+    scores_BN = jnp.asarray(scores_BN, jnp.float32)
+    if scores_BN.shape[-1] < 2:
+        raise ValueError(f"grpo needs at least 2 samples per prompt, got N={scores_BN.shape[-1]}")
+    centered_BN = scores_BN - jnp.mean(scores_BN, axis=-1, keepdims=True)
+    if not scale:
+        return centered_BN
+    return centered_BN / (jnp.std(scores_BN, axis=-1, keepdims=True, ddof=1) + eps)

@@ -1,0 +1,114 @@
+"""Masked reductions and token-level log-probability helpers, all in float32.
+
+Every function takes an explicit mask (1.0 = the position counts, 0.0 = padding; fractional
+values act as weights). Reductions over an empty mask return 0, never NaN.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.metrics import Metric
+
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+
+
+def _f32(x) -> jax.Array:
+    return jnp.asarray(x, jnp.float32)
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den`` where ``den > 0``, else 0 (gradient-safe: no 0/0 on either branch)."""
+    ok = den > 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+def masked_sum(x, mask, axis=None) -> jax.Array:
+    """``Σ x·m`` over ``axis`` (all axes when None)."""
+    x, mask = _f32(x), _f32(mask)
+    return jnp.sum(x * jnp.broadcast_to(mask, x.shape), axis=axis)
+
+
+def masked_mean(x, mask, axis=None) -> jax.Array:
+    """``Σ x·m / Σ m`` over ``axis``; 0 where the mask is empty."""
+    x, mask = _f32(x), jnp.broadcast_to(_f32(mask), jnp.shape(x))
+    return _safe_div(jnp.sum(x * mask, axis=axis), jnp.sum(mask, axis=axis))
+
+
+def masked_var(x, mask, axis=None, *, unbiased: bool = False) -> jax.Array:
+    """Masked variance ``Σ m·(x − μ)² / Σ m`` (or ``/ (Σ m − 1)`` when ``unbiased``).
+
+    The biased form is the default, as in lm-human-preferences' ``whiten`` (``tf.nn.moments``).
+    Returns 0 where the mask is empty (or holds a single element when ``unbiased``).
+    """
+    x, mask = _f32(x), jnp.broadcast_to(_f32(mask), jnp.shape(x))
+    mean = masked_mean(x, mask, axis=axis)
+    mean = mean if axis is None else jnp.expand_dims(mean, axis)
+    sq = jnp.sum(jnp.square(x - mean) * mask, axis=axis)
+    count = jnp.sum(mask, axis=axis)
+    return _safe_div(sq, count - 1.0 if unbiased else count)
+
+
+def masked_whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
+    """Whiten over the masked entries: ``(x − μ) / sqrt(σ² + eps)`` (+ μ again if not ``shift_mean``).
+
+    μ, σ² are the masked mean and (biased) variance over all axes. Padding positions return 0.
+    Source: lm-human-preferences ``whiten`` (Ziegler et al. 2019), used for PPO advantages.
+    """
+    x, mask = _f32(x), jnp.broadcast_to(_f32(mask), jnp.shape(x))
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    out = (x - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return jnp.where(mask > 0, out, 0.0)
+
+
+def masked_aggregate(values_BT, mask_BT, aggregation: Aggregation = "token_mean") -> Metric:
+    """Reduce per-token losses ``values_BT`` to a :class:`Metric` whose ``mean()`` is the loss.
+
+    - ``"token_mean"``: ``Σ_bt v·m / Σ_bt m`` — every token of the batch weighs the same.
+    - ``"seq_mean_token_mean"``: ``mean_b (Σ_t v·m / Σ_t m)`` — each sequence weighs the same
+      (the original PPO-for-LM and GRPO normalisation, Shao et al. 2024 eq. 3).
+    - ``"seq_mean_token_sum"``: ``mean_b Σ_t v·m`` — sum over tokens, mean over sequences.
+
+    Sequence means run over rows with at least one unmasked token, so fully padded rows and
+    masked tail padding change nothing. Returned as (total, count) so microbatches merge exactly.
+    """
+    values_BT, mask_BT = _f32(values_BT), _f32(mask_BT)
+    if aggregation == "token_mean":
+        return Metric(total=masked_sum(values_BT, mask_BT), count=jnp.sum(mask_BT))
+    tokens_B = jnp.sum(mask_BT, axis=-1)
+    row_sum_B = masked_sum(values_BT, mask_BT, axis=-1)
+    rows = jnp.sum((tokens_B > 0).astype(jnp.float32))
+    if aggregation == "seq_mean_token_mean":
+        return Metric(total=jnp.sum(_safe_div(row_sum_B, tokens_B)), count=rows)
+    if aggregation == "seq_mean_token_sum":
+        return Metric(total=jnp.sum(row_sum_B), count=rows)
+    raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+
+
+def token_logps(logits_BTV, targets_BT) -> jax.Array:
+    """``log softmax(logits)[target]`` per token, in float32 (logits are upcast first).
+
+    ``logits_BTV[:, t]`` must already be the prediction for ``targets_BT[:, t]`` (shifted by the caller).
+    """
+    logp_BTV = jax.nn.log_softmax(_f32(logits_BTV), axis=-1)
+    return jnp.take_along_axis(logp_BTV, jnp.asarray(targets_BT)[..., None], axis=-1)[..., 0]
+
+
+def entropy_from_logits(logits_BTV) -> jax.Array:
+    """Per-token entropy ``H = −Σ_v p_v log p_v = logsumexp(z) − Σ_v p_v z_v``, in float32."""
+    logits_BTV = _f32(logits_BTV)
+    probs_BTV = jax.nn.softmax(logits_BTV, axis=-1)
+    return jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.sum(probs_BTV * logits_BTV, axis=-1)
+
+
+def sequence_logps(logps_BT, mask_BT, *, average: bool = False) -> jax.Array:
+    """Sequence log-prob ``Σ_t m_t·logp_t`` (``average``: divided by the token count; 0 if empty)."""
+    if average:
+        return masked_mean(logps_BT, mask_BT, axis=-1)
+    return masked_sum(logps_BT, mask_BT, axis=-1)
