@@ -1,0 +1,249 @@
+"""Sampling from a decoder LM: one prefill pass, then a KV-cached decode loop in ``lax.while_loop``.
+
+``generate`` is the single entry point; it is jitted with every sampling option static, so each
+(batch, prompt length, options) combination compiles once.
+
+Layout of a :class:`Rollout` (B = prompts × num_samples, P = prompt length, R = max_new_tokens)::
+
+    sequences_BT        [ pad pad p p p p | r r r EOS pad pad ]     T = P + R
+    attention_mask_BT   [  0   0  1 1 1 1 | 1 1 1  1   0   0  ]
+    response_mask_BT    [  0   0  0 0 0 0 | 1 1 1  1   0   0  ]
+                                        P-1 ^ the logits here predict the first response token
+
+Prompts are left-padded, so the response of every row starts at column P and positions are
+``cumsum(attention_mask) - 1``, exactly what ``models.forward`` uses by default. A full forward pass
+therefore reproduces the sampling log-probs::
+
+    logits_BTV = models.forward(cfg, params, r.sequences_BT, r.attention_mask_BT)
+    logits_BRV = logits_BTV[:, r.prompt_len - 1 : -1] / temperature
+    logps_BR = jnp.take_along_axis(jax.nn.log_softmax(logits_BRV), r.response_ids_BR[..., None], -1)[..., 0]
+    # == r.logps_BR where r.response_mask_BR == 1 (top_k / top_p off; see below)
+
+``logps_BR`` are log-probs of the sampled tokens under the distribution that was sampled from:
+``log_softmax(filter(logits / temperature))`` with the top-k / top-p filter applied and the kept
+tokens renormalised. With top-k / top-p off this is the tempered model distribution, which a full
+forward pass reproduces as above (at temperature 1: the model's own distribution, as PPO needs).
+Greedy decoding (``temperature=0``) returns the log-probs of the untempered model
+(``log_softmax(logits)``), since the tempered distribution is degenerate at zero temperature.
+Positions after EOS hold ``pad_id``, log-prob 0 and mask 0.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import models
+
+
+@flax.struct.dataclass
+class Rollout:
+    """Prompts and sampled responses, with explicit masks (layout in the module docstring)."""
+
+    sequences_BT: jax.Array
+    """int32 (B, P + R): left-padded prompt followed by the response, ``pad_id`` after EOS."""
+    attention_mask_BT: jax.Array
+    """int32 (B, P + R): 1 on real prompt tokens and on response tokens up to and including EOS."""
+    response_mask_BT: jax.Array
+    """float32 (B, P + R): 1 on response tokens up to and including EOS, 0 on the prompt and after."""
+    response_ids_BR: jax.Array
+    """int32 (B, R): ``sequences_BT[:, P:]``."""
+    response_mask_BR: jax.Array
+    """float32 (B, R): ``response_mask_BT[:, P:]``."""
+    logps_BR: jax.Array
+    """float32 (B, R): log-prob of each sampled token under the sampling distribution, 0 after EOS."""
+    lengths_B: jax.Array
+    """int32 (B,): number of response tokens, EOS included."""
+    has_eos_B: jax.Array
+    """bool (B,): the response ended with an EOS token before the limit."""
+    prompt_len: int = flax.struct.field(pytree_node=False)
+    """P: the response of every row starts at column P of ``sequences_BT``."""
+
+
+def top_k_filter(logits_BV: jax.Array, k: int) -> jax.Array:
+    """Set to -inf every logit below the k-th largest of its row.
+
+    Tokens tied with the k-th largest are all kept (as in ``transformers``' TopKLogitsWarper), so
+    the result never depends on how a sort breaks ties.
+    """
+    kth_B1 = jax.lax.top_k(logits_BV, k)[0][:, -1:]
+    return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+
+
+def top_p_filter(logits_BV: jax.Array, p: float) -> jax.Array:
+    """Nucleus filter (Holtzman et al. 2020): keep the smallest set of most probable tokens whose
+    total probability is >= p, and set the other logits to -inf.
+
+    Sorted by probability, a token is kept when the mass strictly before it is < p, so the most
+    probable token is always kept. Tokens tied with the least probable kept token are kept too.
+    """
+    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+    sorted_BV = -jnp.sort(-probs_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(sorted_BV, axis=-1) - sorted_BV
+    threshold_B1 = jnp.min(jnp.where(mass_before_BV < p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(probs_BV < threshold_B1, -jnp.inf, logits_BV)
+
+
+def sampling_logits(logits_BV: jax.Array, *, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
+    """The logits actually sampled from: divided by the temperature, then top-k, then top-p
+    (the order ``transformers`` applies its warpers in). Requires ``temperature > 0``."""
+    logits_BV = logits_BV.astype(jnp.float32) / temperature
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        logits_BV = top_k_filter(logits_BV, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits_BV = top_p_filter(logits_BV, top_p)
+    return logits_BV
+
+
+def _sample(logits_BV, key, *, temperature, top_k, top_p):
+    """One token per row and its log-prob under the distribution sampled from (module docstring)."""
+    if temperature == 0.0:
+        logits_BV = logits_BV.astype(jnp.float32)
+        tokens_B = jnp.argmax(logits_BV, axis=-1)
+    else:
+        logits_BV = sampling_logits(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p)
+        tokens_B = jax.random.categorical(key, logits_BV, axis=-1)
+    chosen_B = jnp.take_along_axis(logits_BV, tokens_B[:, None], axis=-1)[:, 0]
+    logps_B = chosen_B - jax.nn.logsumexp(logits_BV, axis=-1)
+    return tokens_B.astype(jnp.int32), logps_B
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_ids", "pad_id", "num_samples"),
+)
+def _generate(cfg, params, prompt_ids_BP, prompt_mask_BP, key, *, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id, num_samples):
+    prompt_ids_BP = jnp.repeat(prompt_ids_BP.astype(jnp.int32), num_samples, axis=0)
+    prompt_mask_BP = jnp.repeat(prompt_mask_BP.astype(jnp.int32), num_samples, axis=0)
+    B, P = prompt_ids_BP.shape
+    R = max_new_tokens
+    eos_E = jnp.asarray(eos_ids, jnp.int32)
+    sample = functools.partial(_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    # The last sampled token is never fed back, so the cache needs P + R - 1 slots.
+    cache = models.init_cache(cfg, B, P + R - 1, dtype=jnp.float32)
+    logits_BPV, cache = models.prefill(cfg, params, prompt_ids_BP, prompt_mask_BP, cache)
+
+    def emit(t, tokens_B, logps_B, done_B, ids_BR, logps_BR, mask_BR):
+        """Write step t's tokens (pad after EOS) and update which rows are done."""
+        tokens_B = jnp.where(done_B, pad_id, tokens_B)
+        ids_BR = ids_BR.at[:, t].set(tokens_B)
+        logps_BR = logps_BR.at[:, t].set(jnp.where(done_B, 0.0, logps_B))
+        mask_BR = mask_BR.at[:, t].set(jnp.where(done_B, 0.0, 1.0))
+        done_B = done_B | jnp.isin(tokens_B, eos_E)
+        return tokens_B, done_B, ids_BR, logps_BR, mask_BR
+
+    tokens_B, logps_B = sample(logits_BPV[:, -1], jax.random.fold_in(key, 0))
+    tokens_B, done_B, ids_BR, logps_BR, mask_BR = emit(
+        0,
+        tokens_B,
+        logps_B,
+        jnp.zeros((B,), bool),
+        jnp.full((B, R), pad_id, jnp.int32),
+        jnp.zeros((B, R), jnp.float32),
+        jnp.zeros((B, R), jnp.float32),
+    )
+
+    def cond(state):
+        t, _, done_B, *_ = state
+        return (t < R) & ~jnp.all(done_B)
+
+    def body(state):
+        t, tokens_B, done_B, ids_BR, logps_BR, mask_BR, cache = state
+        logits_BV, cache = models.decode_step(cfg, params, cache, tokens_B)
+        tokens_B, logps_B = sample(logits_BV, jax.random.fold_in(key, t))
+        return (t + 1, *emit(t, tokens_B, logps_B, done_B, ids_BR, logps_BR, mask_BR), cache)
+
+    state = (jnp.int32(1), tokens_B, done_B, ids_BR, logps_BR, mask_BR, cache)
+    _, _, done_B, ids_BR, logps_BR, mask_BR, _ = jax.lax.while_loop(cond, body, state)
+
+    return Rollout(
+        sequences_BT=jnp.concatenate([prompt_ids_BP, ids_BR], axis=1),
+        attention_mask_BT=jnp.concatenate([prompt_mask_BP, mask_BR.astype(jnp.int32)], axis=1),
+        response_mask_BT=jnp.concatenate([jnp.zeros((B, P), jnp.float32), mask_BR], axis=1),
+        response_ids_BR=ids_BR,
+        response_mask_BR=mask_BR,
+        logps_BR=logps_BR,
+        lengths_B=jnp.sum(mask_BR, axis=1).astype(jnp.int32),
+        has_eos_B=done_B,
+        prompt_len=P,
+    )
+
+
+def generate(
+    cfg: models.ModelConfig,
+    params,
+    prompt_ids_BP: jax.Array,
+    prompt_mask_BP: jax.Array,
+    *,
+    key: jax.Array,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+    num_samples: int = 1,
+) -> Rollout:
+    """Sample ``max_new_tokens`` tokens after each left-padded prompt.
+
+    Each prompt is repeated ``num_samples`` times (samples of one prompt are adjacent rows), the
+    prompts are prefilled in one pass, and a ``lax.while_loop`` decodes one token per step until
+    every row has emitted one of ``eos_ids`` or ``max_new_tokens`` is reached (empty ``eos_ids``:
+    always decode to the limit). ``temperature=0`` is greedy; ``top_k`` / ``top_p`` (nucleus)
+    filter the tempered logits. Log-prob conventions and the output layout are in the module
+    docstring. Works under ``jax.jit`` and on sharded inputs; the decode loop is compiled once per
+    (shape, options).
+    """
+    B, P = prompt_ids_BP.shape
+    if prompt_mask_BP.shape != (B, P):
+        raise ValueError(f"prompt_mask_BP has shape {prompt_mask_BP.shape}, prompt_ids_BP has shape {(B, P)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if P + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt length {P} + max_new_tokens {max_new_tokens} = {P + max_new_tokens} exceeds the "
+            f"model context max_position_embeddings = {cfg.max_position_embeddings}"
+        )
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    _check_left_padded(prompt_mask_BP)
+    return _generate(
+        cfg,
+        params,
+        prompt_ids_BP,
+        prompt_mask_BP,
+        key,
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_k=None if top_k is None else int(top_k),
+        top_p=None if top_p is None else float(top_p),
+        eos_ids=tuple(int(e) for e in eos_ids),
+        pad_id=int(pad_id),
+        num_samples=int(num_samples),
+    )
+
+
+def _check_left_padded(prompt_mask_BP) -> None:
+    """Reject empty or right-padded prompts when the mask's values are known (not under jit)."""
+    if isinstance(prompt_mask_BP, jax.core.Tracer) or not getattr(prompt_mask_BP, "is_fully_addressable", True):
+        return
+    mask_BP = np.asarray(prompt_mask_BP) != 0
+    empty = np.flatnonzero(~mask_BP[:, -1])
+    if empty.size:
+        raise ValueError(
+            f"prompt rows {empty.tolist()} end with padding: prompts must be left-padded and non-empty "
+            "(prompt_mask_BP[:, -1] == 1)"
+        )
+    holes = np.flatnonzero(np.any(mask_BP[:, :-1] & ~mask_BP[:, 1:], axis=1))
+    if holes.size:
+        raise ValueError(f"prompt rows {holes.tolist()} have padding after a real token: prompts must be left-padded")
