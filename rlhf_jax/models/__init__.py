@@ -1,0 +1,45 @@
+"""Decoder language models (Llama 2/3, Qwen2/2.5, GPT-2, GPT-NeoX/Pythia) as pure JAX functions.
+
+    cfg, params = models.load_pretrained("path/to/hf_dir")
+    logits_BTV = models.forward(cfg, params, input_ids_BT, attention_mask_BT)
+    cache = models.init_cache(cfg, batch_size, max_len)
+    logits_BTV, cache = models.prefill(cfg, params, prompt_ids_BT, prompt_mask_BT, cache)
+    logits_BV, cache = models.decode_step(cfg, params, cache, token_ids_B)
+    models.save_pretrained("out_dir", cfg, params)   # loads in transformers.AutoModelForCausalLM
+"""
+from rlhf_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from rlhf_jax.models.decoder import (
+    KVCache,
+    decode_step,
+    forward,
+    forward_hidden,
+    init_cache,
+    positions_from_mask,
+    prefill,
+    rope_inv_freq,
+)
+from rlhf_jax.models.heads import init_scalar_head, scalar_head, scalar_head_logical_axes
+from rlhf_jax.models.hf_io import check_tokenizer, load_pretrained, save_pretrained
+from rlhf_jax.models.params import init_params, param_logical_axes, param_specs
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "KVCache",
+    "ModelConfig",
+    "check_tokenizer",
+    "decode_step",
+    "forward",
+    "forward_hidden",
+    "init_cache",
+    "init_params",
+    "init_scalar_head",
+    "load_pretrained",
+    "param_logical_axes",
+    "param_specs",
+    "positions_from_mask",
+    "prefill",
+    "rope_inv_freq",
+    "save_pretrained",
+    "scalar_head",
+    "scalar_head_logical_axes",
+]

@@ -1,0 +1,289 @@
+"""The decoder: one pure-JAX implementation for every family in ``ModelConfig``.
+
+Everything is a function of ``(cfg, params, arrays)``; ``cfg`` is static under ``jax.jit``.
+
+Padding is explicit: ``attention_mask_BT`` (1 = real token) hides pad keys, and positions default to
+``cumsum(mask) - 1`` clipped at 0, which is what Hugging Face ``generate`` uses for LEFT-padded
+prompts, so a left-padded row gives the same logits as the unpadded one. Pad query rows stay finite
+(they attend uniformly to masked keys) and should be ignored by the caller.
+
+Dtypes: parameters keep their own dtype and are cast to ``cfg.compute_dtype`` where used; norms are
+computed in float32, attention logits and softmax in float32, and output logits are float32.
+
+Token ids outside ``[0, vocab_size)`` (and learned positions past the table) read NaN embeddings
+instead of being silently clamped; ``check_tokenizer`` rejects a mismatched tokenizer up front.
+
+KV cache: a ``KVCache`` holds ``S`` slots per row. ``prefill`` writes a (left-padded) prompt into
+slots ``[index, index + T)``, ``decode_step`` writes one token per row into slot ``index``; a query
+in slot ``s`` attends to the valid slots ``<= s``. Positions continue from ``next_pos_B``, so cached
+decoding reproduces a full forward pass over the concatenated sequence.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.params import Params
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for ``S`` slots per row (``E`` = head_dim)."""
+
+    keys: jax.Array
+    """(L, B, S, K, E) rotated keys."""
+    values: jax.Array
+    """(L, B, S, K, E) values."""
+    mask_BS: jax.Array
+    """bool: slot holds a real token (False for left padding and unwritten slots)."""
+    next_pos_B: jax.Array
+    """int32: position id of the next token of each row (= real tokens so far)."""
+    index: jax.Array
+    """int32 scalar: next slot to write (same for all rows)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def positions_from_mask(attention_mask_BT: jax.Array) -> jax.Array:
+    """Position ids for left-padded rows: ``max(cumsum(mask) - 1, 0)`` (Hugging Face ``generate``)."""
+    return jnp.maximum(jnp.cumsum(attention_mask_BT.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def _norm(cfg: ModelConfig, p: Params, x_BTD: jax.Array) -> jax.Array:
+    """RMSNorm  y = x / sqrt(mean(x²) + eps) · scale  (Zhang & Sennrich 2019), or
+    LayerNorm  y = (x − mean(x)) / sqrt(var(x) + eps) · scale + bias  (Ba et al. 2016); float32 inside."""
+    x = x_BTD.astype(jnp.float32)
+    if cfg.norm_type == "layer":
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
+    y = x.astype(cfg.compute_dtype) * p["scale"].astype(cfg.compute_dtype)
+    return y + p["bias"].astype(cfg.compute_dtype) if "bias" in p else y
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies θ_j = theta^(−2j/d), j < d/2, d = rotary_dim (Su et al. 2021, RoFormer).
+
+    ``linear``: θ_j / factor (Chen et al. 2023, position interpolation). ``llama3`` (Llama 3.1; as in
+    transformers ``_compute_llama3_parameters``): with λ_j = 2π/θ_j and the pre-training context C,
+    keep θ_j if λ_j < C/high_freq_factor, use θ_j/factor if λ_j > C/low_freq_factor, else
+    (1 − s)·θ_j/factor + s·θ_j with s = (C/λ_j − low_freq_factor) / (high_freq_factor − low_freq_factor).
+    """
+    d = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    if cfg.rope_type == "linear":
+        return inv_freq / np.float32(cfg.rope_factor)
+    if cfg.rope_type == "llama3":
+        context, factor = cfg.rope_original_max_position_embeddings, cfg.rope_factor
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (context / wavelen - low) / (high - low)
+        mixed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > context / low, inv_freq / factor, np.where(wavelen < context / high, inv_freq, mixed))
+    return inv_freq.astype(np.float32)
+
+
+def _rope(cfg: ModelConfig, x_BTNE: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    """Rotary embedding on the first ``rotary_dim`` dims of each head, "rotate-half" layout:
+    x' = x·cos(pθ) + rotate_half(x)·sin(pθ), rotate_half([x1, x2]) = [−x2, x1] (GPT-NeoX / HF Llama)."""
+    angles_BTR = positions_BT[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
+    angles_BT1E = jnp.concatenate([angles_BTR, angles_BTR], axis=-1)[:, :, None, :]
+    x_rot, x_pass = x_BTNE[..., : cfg.rotary_dim].astype(jnp.float32), x_BTNE[..., cfg.rotary_dim :]
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)
+    rotated = x_rot * jnp.cos(angles_BT1E) + jnp.concatenate([-x2, x1], axis=-1) * jnp.sin(angles_BT1E)
+    return jnp.concatenate([rotated.astype(x_BTNE.dtype), x_pass], axis=-1)
+
+
+def _dense(cfg: ModelConfig, p: Params, x: jax.Array, spec: str) -> jax.Array:
+    """``einsum(spec, x, kernel) + bias`` in the compute dtype."""
+    y = jnp.einsum(spec, x, p["kernel"].astype(cfg.compute_dtype))
+    return y + p["bias"].astype(cfg.compute_dtype) if "bias" in p else y
+
+
+def _attention(cfg: ModelConfig, p: Params, x_BTD, positions_BT, allowed_BTS, kv, slot):
+    """Multi-head attention softmax(q·kᵀ·scale + mask)·v with grouped kv heads (Ainslie et al. 2023).
+
+    Without a cache (``kv`` is None) the keys are this sequence's. With one, this step's keys and
+    values are written into the layer's cache ``kv = (keys_BSKE, values_BSKE)`` at ``slot`` and the
+    queries attend over all ``S`` slots. Returns the output and the updated ``kv``.
+    """
+    q_BTHE = _dense(cfg, p["q"], x_BTD, "btd,dhe->bthe")
+    k_BTKE = _dense(cfg, p["k"], x_BTD, "btd,dke->btke")
+    v_BTKE = _dense(cfg, p["v"], x_BTD, "btd,dke->btke")
+    if cfg.position_type == "rope":
+        q_BTHE, k_BTKE = _rope(cfg, q_BTHE, positions_BT), _rope(cfg, k_BTKE, positions_BT)
+    if kv is not None:
+        keys_BSKE, values_BSKE = kv
+        keys_BSKE = lax.dynamic_update_slice_in_dim(keys_BSKE, k_BTKE.astype(keys_BSKE.dtype), slot, axis=1)
+        values_BSKE = lax.dynamic_update_slice_in_dim(values_BSKE, v_BTKE.astype(values_BSKE.dtype), slot, axis=1)
+        kv = (keys_BSKE, values_BSKE)
+        k_BTKE, v_BTKE = keys_BSKE.astype(cfg.compute_dtype), values_BSKE.astype(cfg.compute_dtype)
+    scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
+    out_BTHE = jax.nn.dot_product_attention(q_BTHE, k_BTKE, v_BTKE, mask=allowed_BTS[:, None], scale=scale)
+    return _dense(cfg, p["o"], out_BTHE, "bthe,hed->btd"), kv
+
+
+def _mlp(cfg: ModelConfig, p: Params, x_BTD: jax.Array) -> jax.Array:
+    """SwiGLU  down(act(gate(x)) ⊙ up(x))  (Shazeer 2020; Llama, Qwen2) or  down(act(up(x)))  (GPT-2, NeoX)."""
+    act = _ACTIVATIONS[cfg.activation]
+    h_BTF = _dense(cfg, p["up"], x_BTD, "btd,df->btf")
+    h_BTF = act(_dense(cfg, p["gate"], x_BTD, "btd,df->btf")) * h_BTF if cfg.gated_mlp else act(h_BTF)
+    return _dense(cfg, p["down"], h_BTF, "btf,fd->btd")
+
+
+def _block(cfg: ModelConfig, p: Params, x_BTD, positions_BT, allowed_BTS, kv, slot):
+    """Pre-norm block. Sequential: x ← x + attn(n₁(x)); x ← x + mlp(n₂(x)). Parallel (GPT-J,
+    NeoX ``use_parallel_residual``): x ← x + attn(n₁(x)) + mlp(n₂(x))."""
+    attn_BTD, kv = _attention(cfg, p["attn"], _norm(cfg, p["attn_norm"], x_BTD), positions_BT, allowed_BTS, kv, slot)
+    if cfg.parallel_residual:
+        return x_BTD + attn_BTD + _mlp(cfg, p["mlp"], _norm(cfg, p["mlp_norm"], x_BTD)), kv
+    x_BTD = x_BTD + attn_BTD
+    return x_BTD + _mlp(cfg, p["mlp"], _norm(cfg, p["mlp_norm"], x_BTD)), kv
+
+
+def _layers(cfg: ModelConfig, layers: Params, x_BTD, positions_BT, allowed_BTS, kv=None, slot=None):
+    """All blocks, scanned (``cfg.scan_layers``) or unrolled, each optionally rematerialised.
+
+    ``kv`` is None or the stacked cache ``(keys_LBSKE, values_LBSKE)``; returns (x, updated kv).
+    """
+    def block(x, xs):
+        p, kv_layer = xs
+        return _block(cfg, p, x, positions_BT, allowed_BTS, kv_layer, slot)
+
+    if cfg.remat:
+        block = jax.checkpoint(block)
+    if cfg.scan_layers:
+        return lax.scan(block, x_BTD, (layers, kv))
+    outs = []
+    for i in range(cfg.n_layers):
+        x_BTD, kv_layer = block(x_BTD, jax.tree.map(lambda a: a[i], (layers, kv)))
+        outs.append(kv_layer)
+    return x_BTD, (None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs))
+
+
+def _embed(cfg: ModelConfig, params: Params, input_ids_BT, positions_BT) -> jax.Array:
+    """Token embedding (+ learned position embedding), NaN for ids outside the tables."""
+    take = functools.partial(jnp.take, axis=0, mode="fill", fill_value=jnp.nan)
+    x_BTD = take(params["embed"]["embedding"], input_ids_BT)
+    if cfg.position_type == "learned":
+        x_BTD = x_BTD + take(params["pos_embed"]["embedding"], positions_BT)
+    return x_BTD.astype(cfg.compute_dtype)
+
+
+def _unembed(cfg: ModelConfig, params: Params, hidden_BTD: jax.Array) -> jax.Array:
+    """Float32 logits: hidden · lm_head, or hidden · embeddingᵀ when tied."""
+    if cfg.tie_embeddings:
+        kernel, spec = params["embed"]["embedding"], "btd,vd->btv"
+    else:
+        kernel, spec = params["lm_head"]["kernel"], "btd,dv->btv"
+    return jnp.einsum(spec, hidden_BTD, kernel.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+
+
+def _check_inputs(name: str, input_ids_BT, attention_mask_BT, positions_BT=None) -> None:
+    if input_ids_BT.ndim != 2 or attention_mask_BT.shape != input_ids_BT.shape:
+        raise ValueError(f"{name}: input_ids_BT {input_ids_BT.shape} and attention_mask_BT {attention_mask_BT.shape} "
+                         "must both be (batch, length)")
+    if positions_BT is not None and positions_BT.shape != input_ids_BT.shape:
+        raise ValueError(f"{name}: positions_BT {positions_BT.shape} must match input_ids_BT {input_ids_BT.shape}")
+
+
+def _allowed(query_slots_T: jax.Array, key_mask_BS: jax.Array) -> jax.Array:
+    """Causal + padding mask (B, T, S): a query in slot t sees valid key slots s <= t."""
+    causal_TS = jnp.arange(key_mask_BS.shape[1])[None, :] <= query_slots_T[:, None]
+    return causal_TS[None] & key_mask_BS.astype(bool)[:, None, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# Full-sequence forward
+
+
+def forward_hidden(cfg: ModelConfig, params: Params, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
+                   positions_BT: jax.Array | None = None) -> jax.Array:
+    """Final-normed hidden states (B, T, D) in ``cfg.compute_dtype``, for value / reward heads."""
+    _check_inputs("forward", input_ids_BT, attention_mask_BT, positions_BT)
+    if cfg.position_type == "learned" and input_ids_BT.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"forward: length {input_ids_BT.shape[1]} exceeds the {cfg.max_position_embeddings} "
+                         f"learned positions of this {cfg.model_type} model")
+    if positions_BT is None:
+        positions_BT = positions_from_mask(attention_mask_BT)
+    allowed_BTS = _allowed(jnp.arange(input_ids_BT.shape[1]), attention_mask_BT)
+    x_BTD = _embed(cfg, params, input_ids_BT, positions_BT)
+    x_BTD, _ = _layers(cfg, params["layers"], x_BTD, positions_BT, allowed_BTS)
+    return _norm(cfg, params["final_norm"], x_BTD)
+
+
+def forward(cfg: ModelConfig, params: Params, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
+            positions_BT: jax.Array | None = None) -> jax.Array:
+    """Next-token logits (B, T, V), float32. ``positions_BT`` defaults to ``positions_from_mask``."""
+    return _unembed(cfg, params, forward_hidden(cfg, params, input_ids_BT, attention_mask_BT, positions_BT))
+
+
+# ----------------------------------------------------------------------------------------------
+# KV-cached decoding
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty cache with ``max_len`` slots per row."""
+    if cfg.position_type == "learned" and max_len > cfg.max_position_embeddings:
+        raise ValueError(f"init_cache: max_len {max_len} exceeds the {cfg.max_position_embeddings} learned positions "
+                         f"of this {cfg.model_type} model")
+    shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return KVCache(
+        keys=jnp.zeros(shape, dtype),
+        values=jnp.zeros(shape, dtype),
+        mask_BS=jnp.zeros((batch_size, max_len), bool),
+        next_pos_B=jnp.zeros((batch_size,), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def _extend(cfg: ModelConfig, params: Params, input_ids_BT, attention_mask_BT, cache: KVCache):
+    """Run T new tokens per row through the model on top of ``cache``; logits (B, T, V) and new cache."""
+    T, S = input_ids_BT.shape[1], cache.mask_BS.shape[1]
+    if T > S:
+        raise ValueError(f"{T} tokens do not fit a cache of {S} slots")
+    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + T > S:
+        raise ValueError(f"cache is full: slot {int(cache.index)} + {T} tokens > {S} slots")
+    mask_BT = attention_mask_BT.astype(bool)
+    positions_BT = cache.next_pos_B[:, None] + positions_from_mask(mask_BT)
+    mask_BS = lax.dynamic_update_slice_in_dim(cache.mask_BS, mask_BT, cache.index, axis=1)
+    allowed_BTS = _allowed(cache.index + jnp.arange(T), mask_BS)
+    x_BTD = _embed(cfg, params, input_ids_BT, positions_BT)
+    x_BTD, (keys, values) = _layers(cfg, params["layers"], x_BTD, positions_BT, allowed_BTS,
+                                    kv=(cache.keys, cache.values), slot=cache.index)
+    logits_BTV = _unembed(cfg, params, _norm(cfg, params["final_norm"], x_BTD))
+    new_cache = KVCache(keys=keys, values=values, mask_BS=mask_BS,
+                        next_pos_B=cache.next_pos_B + jnp.sum(mask_BT, axis=1, dtype=jnp.int32), index=cache.index + T)
+    return logits_BTV, new_cache
+
+
+def prefill(cfg: ModelConfig, params: Params, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
+            cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Write left-padded prompts into the cache; float32 logits (B, T, V) of every prompt position."""
+    _check_inputs("prefill", input_ids_BT, attention_mask_BT)
+    return _extend(cfg, params, input_ids_BT, attention_mask_BT, cache)
+
+
+def decode_step(cfg: ModelConfig, params: Params, cache: KVCache, token_ids_B: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Feed one token per row; float32 next-token logits (B, V) and the cache advanced by one slot."""
+    ids_B1 = token_ids_B[:, None]
+    logits_B1V, cache = _extend(cfg, params, ids_B1, jnp.ones(ids_B1.shape, bool), cache)
+    return logits_B1V[:, 0], cache
