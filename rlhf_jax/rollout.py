@@ -124,7 +124,7 @@ def _generate(cfg, params, prompt_ids_BP, prompt_mask_BP, key, *, max_new_tokens
     sample = functools.partial(_sample, temperature=temperature, top_k=top_k, top_p=top_p)
 
     # The last sampled token is never fed back, so the cache needs P + R - 1 slots.
-    cache = models.init_cache(cfg, B, P + R - 1, dtype=jnp.float32)
+    cache = models.init_cache(cfg, B, P + R - 1, dtype=cfg.compute_dtype)
     logits_BPV, cache = models.prefill(cfg, params, prompt_ids_BP, prompt_mask_BP, cache)
 
     def emit(t, tokens_B, logps_B, done_B, ids_BR, logps_BR, mask_BR):

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
+import torch
 
-from rlhf_jax import rollout
+from hf_fixtures import PAD_ID, VOCAB, load_hf_model, make_tiny_checkpoint
+from rlhf_jax import models, rollout, sharding
+from rlhf_jax.configs import MeshConfig
 
 
 # ----------------------------------------------------------------------------- filters vs NumPy loops
@@ -113,3 +116,158 @@ def test_sampler_frequencies_match_reported_logps():
     np.testing.assert_allclose(freqs, probs, atol=0.01)
     want = np.isfinite(ref_top_p(ref_top_k(np.asarray(logits_V)[None] / 0.8, 6), 0.9))[0]
     np.testing.assert_array_equal(probs > 0, want)
+
+
+# ----------------------------------------------------------------------------- generation on tiny checkpoints
+
+P, R = 7, 12
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("llama"))
+    return (path, *models.load_pretrained(path))
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    path = make_tiny_checkpoint("gpt2", tmp_path_factory.mktemp("gpt2"))
+    return (path, *models.load_pretrained(path))
+
+
+def left_padded_prompts(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random prompts of lengths P, P-1, ..., (at least 1), left-padded with PAD_ID."""
+    rng = np.random.default_rng(seed)
+    lengths = np.maximum(P - np.arange(batch) * 2, 1)
+    mask = (np.arange(P)[None] >= P - lengths[:, None]).astype(np.int32)
+    ids = rng.integers(3, VOCAB, size=(batch, P)).astype(np.int32)
+    return np.where(mask == 1, ids, PAD_ID), mask
+
+
+def full_forward_logps(cfg, params, r: rollout.Rollout, logits_fn=lambda x: x) -> np.ndarray:
+    """Log-probs of the response tokens from one fresh forward pass over ``r.sequences_BT``."""
+    logits_BTV = models.forward(cfg, params, r.sequences_BT, r.attention_mask_BT)
+    logits_BRV = logits_fn(np.asarray(logits_BTV[:, r.prompt_len - 1 : -1]))
+    logps_BRV = jax.nn.log_softmax(jnp.asarray(logits_BRV), axis=-1)
+    return np.asarray(jnp.take_along_axis(logps_BRV, r.response_ids_BR[..., None], axis=-1)[..., 0])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_matches_transformers_generate(family, request):
+    path, cfg, params = request.getfixturevalue(family)
+    ids, mask = left_padded_prompts(4)
+    # EOS: a token our greedy decoder emits at step 3 of row 0, so at least that row stops early.
+    free = rollout.generate(cfg, params, ids, mask, key=jax.random.key(0), max_new_tokens=R, temperature=0.0)
+    eos = int(free.response_ids_BR[0, 3])
+    ours = rollout.generate(cfg, params, ids, mask, key=jax.random.key(0), max_new_tokens=R, temperature=0.0,
+                            eos_ids=(eos,), pad_id=PAD_ID)
+    with torch.no_grad():
+        theirs = load_hf_model(path).generate(
+            input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(), do_sample=False,
+            max_new_tokens=R, pad_token_id=PAD_ID, eos_token_id=eos,
+        ).numpy()
+    theirs = np.pad(theirs, ((0, 0), (0, P + R - theirs.shape[1])), constant_values=PAD_ID)  # HF stops when all rows end
+    np.testing.assert_array_equal(np.asarray(ours.sequences_BT), theirs)
+    assert bool(ours.has_eos_B[0]) and int(ours.lengths_B[0]) <= 4
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_logps_equal_full_forward_pass(llama, temperature):
+    """PPO recomputes log-probs on sequences_BT with one forward pass: same numbers (fp32)."""
+    _, cfg, params = llama
+    ids, mask = left_padded_prompts(3)
+    r = rollout.generate(cfg, params, ids, mask, key=jax.random.key(1), max_new_tokens=R, temperature=temperature,
+                         eos_ids=tuple(range(3, 13)), pad_id=PAD_ID, num_samples=2)
+    scale = 1.0 if temperature == 0.0 else temperature  # greedy reports the untempered model log-probs
+    want = full_forward_logps(cfg, params, r, lambda x: x / np.float32(scale))
+    m = np.asarray(r.response_mask_BR) == 1
+    assert 0 < m.sum() < m.size  # some rows stop at EOS, so padding is exercised too
+    np.testing.assert_allclose(np.asarray(r.logps_BR)[m], want[m], atol=1e-5, rtol=0)
+    assert (np.asarray(r.logps_BR)[~m] == 0).all()
+
+
+def test_top_k_top_p_logps_are_those_of_the_filtered_distribution(llama):
+    _, cfg, params = llama
+    ids, mask = left_padded_prompts(3)
+    r = rollout.generate(cfg, params, ids, mask, key=jax.random.key(2), max_new_tokens=R, temperature=0.7,
+                         top_k=20, top_p=0.6)
+
+    def filtered(logits_BRV):
+        flat = logits_BRV.reshape(-1, logits_BRV.shape[-1]) / np.float32(0.7)
+        return ref_top_p(ref_top_k(flat, 20), 0.6).reshape(logits_BRV.shape)
+
+    want = full_forward_logps(cfg, params, r, filtered)
+    assert np.isfinite(want).all()  # every sampled token survived both filters
+    np.testing.assert_allclose(np.asarray(r.logps_BR), want, atol=1e-5, rtol=0)
+
+
+def test_keys_and_samples(llama):
+    _, cfg, params = llama
+    ids, mask = left_padded_prompts(2)
+    run = lambda seed: rollout.generate(cfg, params, ids, mask, key=jax.random.key(seed), max_new_tokens=R,
+                                        num_samples=3)
+    a, b, c = run(0), run(0), run(1)
+    np.testing.assert_array_equal(np.asarray(a.sequences_BT), np.asarray(b.sequences_BT))
+    np.testing.assert_array_equal(np.asarray(a.logps_BR), np.asarray(b.logps_BR))
+    assert (np.asarray(a.response_ids_BR) != np.asarray(c.response_ids_BR)).any()
+    seqs = np.asarray(a.sequences_BT)
+    np.testing.assert_array_equal(seqs[:, :P], np.repeat(ids, 3, axis=0))  # samples of a prompt are adjacent
+    for prompt in range(2):
+        rows = [tuple(s) for s in seqs[3 * prompt : 3 * prompt + 3, P:]]
+        assert len(set(rows)) == 3
+    # no eos_ids: every row decodes to the limit
+    assert (np.asarray(a.lengths_B) == R).all() and not np.asarray(a.has_eos_B).any()
+    assert (np.asarray(a.response_mask_BR) == 1).all()
+
+
+def test_eos_padding_masks_and_lengths(llama):
+    _, cfg, params = llama
+    ids, mask = left_padded_prompts(3)
+    eos_ids = tuple(range(3, 13))
+    r = rollout.generate(cfg, params, ids, mask, key=jax.random.key(3), max_new_tokens=R, temperature=1.0,
+                         eos_ids=eos_ids, pad_id=PAD_ID, num_samples=4)
+    resp, seqs = np.asarray(r.response_ids_BR), np.asarray(r.sequences_BT)
+    assert 0 < np.asarray(r.has_eos_B).sum() < len(resp)  # both kinds of rows occur
+    for b, row in enumerate(resp):
+        hits = [t for t, tok in enumerate(row) if tok in eos_ids]
+        length = hits[0] + 1 if hits else R
+        assert int(r.lengths_B[b]) == length and bool(r.has_eos_B[b]) == bool(hits)
+        assert (row[length:] == PAD_ID).all()
+        np.testing.assert_array_equal(np.asarray(r.response_mask_BR[b]), np.arange(R) < length)
+        np.testing.assert_array_equal(np.asarray(r.logps_BR[b, length:]), 0.0)
+        assert (np.asarray(r.logps_BR[b, :length]) < 0).all()
+        np.testing.assert_array_equal(np.asarray(r.attention_mask_BT[b]), np.concatenate([mask[b // 4], np.arange(R) < length]))
+        np.testing.assert_array_equal(np.asarray(r.response_mask_BT[b]), np.concatenate([np.zeros(P), np.arange(R) < length]))
+    np.testing.assert_array_equal(seqs[:, P:], resp)
+
+
+def test_bad_input(llama):
+    _, cfg, params = llama
+    ids, mask = left_padded_prompts(2)
+    too_many = cfg.max_position_embeddings - P + 1
+    with pytest.raises(ValueError, match=rf"prompt length {P} \+ max_new_tokens {too_many} .* {cfg.max_position_embeddings}"):
+        rollout.generate(cfg, params, ids, mask, key=jax.random.key(0), max_new_tokens=too_many)
+    with pytest.raises(ValueError, match="left-padded"):
+        rollout.generate(cfg, params, ids, mask[:, ::-1], key=jax.random.key(0), max_new_tokens=R)
+    empty = mask.copy()
+    empty[1] = 0
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        rollout.generate(cfg, params, ids, empty, key=jax.random.key(0), max_new_tokens=R)
+
+
+def test_sharded_generate_on_8_device_mesh_equals_single_device(llama):
+    _, cfg, params = llama
+    ids, mask = left_padded_prompts(4)
+    kwargs = dict(key=jax.random.key(4), max_new_tokens=R, eos_ids=tuple(range(3, 13)), pad_id=PAD_ID, num_samples=2)
+    single = rollout.generate(cfg, params, ids, mask, **kwargs)
+
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    rules = sharding.DEFAULT_RULES
+    sharded_params = jax.device_put(params, sharding.logical_to_sharding(models.param_logical_axes(cfg), mesh, rules, params))
+    assert sharding.per_device_bytes(sharded_params["layers"]["mlp"]["up"]["kernel"]) * 4 == params["layers"]["mlp"]["up"]["kernel"].nbytes
+    ids_s, mask_s = sharding.shard_batch((ids, mask), mesh, rules)
+    assert len(ids_s.sharding.device_set) == 8
+    multi = jax.jit(lambda p, i, m: rollout.generate(cfg, p, i, m, **kwargs))(sharded_params, ids_s, mask_s)
+    np.testing.assert_array_equal(np.asarray(multi.sequences_BT), np.asarray(single.sequences_BT))
+    np.testing.assert_array_equal(np.asarray(multi.response_mask_BR), np.asarray(single.response_mask_BR))
+    np.testing.assert_allclose(np.asarray(multi.logps_BR), np.asarray(single.logps_BR), atol=1e-5, rtol=0)
