@@ -16,6 +16,7 @@ from rlhf_jax.data import (
     DataError,
     Message,
     PairRow,
+    PromptRow,
     RankRow,
     SFTRow,
     ValidationReport,
@@ -129,7 +130,7 @@ def test_binary_batch(tok):
 
 
 def test_prompt_batch_is_left_padded(tok):
-    rows = [SFTRow("Name a prime.", " 7"), SFTRow(SAY_HI, "Hi!"), SFTRow(LONG, " x")]
+    rows = [PromptRow("Name a prime."), SFTRow(SAY_HI, "Hi!"), PairRow(LONG, " x", " y")]  # any row has a prompt
     prompts = encode_prompts(rows, tok, max_len=24)
     assert all(len(e.completion_ids) == 0 for e in prompts)
     batch = collate_prompts(prompts, pad_id=tok.pad_token_id, length=32)
@@ -140,6 +141,8 @@ def test_prompt_batch_is_left_padded(tok):
     assert tok.decode(batch.prompt_ids_BP[1][batch.prompt_mask_BP[1] == 1]) == "<|user|>Say hi.<eos><|assistant|>"
     assert batch.prompt_mask_BP[2].sum() == 24  # truncated to max_len
     assert batch.prompt_ids_BP[2, -24] == tok.bos_token_id and batch.prompt_ids_BP[2, -1] == ids_of(tok, LONG)[-1]
+    with pytest.raises(ValueError, match="no completion to train on; use encode_prompts"):
+        encode(rows[:1], tok, max_len=24)
 
 
 def test_truncate_left_keeps_bos_and_completion(tok):

@@ -15,6 +15,7 @@ from rlhf_jax.data import (
     DataError,
     Message,
     PairRow,
+    PromptRow,
     RankRow,
     SFTRow,
     ValidationReport,
@@ -32,6 +33,7 @@ ROWS = {
     "ranked": [RankRow("Rate my haiku.", (" Nice.", " Awful.", " Good."), (2, 0, 1)),
                RankRow(CHAT, ("a", "b"), (1, 0))],
     "binary": [BinaryRow("Tell a joke.", " Why did the chicken...", True), BinaryRow(CHAT, "Go away.", False)],
+    "prompt": [PromptRow("Summarize: the cat sat on the mat."), PromptRow(CHAT)],
 }
 
 
@@ -92,6 +94,7 @@ OK = {
     "pairwise": {"prompt": "p", "chosen": "a", "rejected": "b"},
     "ranked": {"prompt": "p", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]},
     "binary": {"prompt": "p", "completion": "c", "label": 1},
+    "prompt": {"prompt": "p"},
 }
 # (kind, line 2 of the file, field named in the error, reason)
 BAD = [
@@ -125,6 +128,8 @@ BAD = [
     ("binary", {"prompt": "p", "completion": "c", "label": 1.0}, "label", "bad_label"),
     ("binary", {"prompt": "p", "completion": "c"}, "label", "missing_field"),
     ("sft", {"prompt": "p"}, "completion", "missing_field"),
+    ("prompt", {"question": "p"}, "prompt", "missing_field"),
+    ("prompt", {"prompt": {"role": "user", "content": "p"}}, "prompt", "wrong_type"),
     ("sft", {"messages": [{"role": "user", "content": "q"}]}, "messages", "bad_messages"),
     ("sft", {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]}, "messages", "bad_messages"),
     ("sft", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]},

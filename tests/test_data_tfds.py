@@ -11,6 +11,7 @@ from rlhf_jax.data import (
     DataError,
     Message,
     PairRow,
+    PromptRow,
     RankRow,
     SFTRow,
     ValidationReport,
@@ -28,6 +29,7 @@ ROWS = {
                  PairRow("é ünïcode ✓", " ja", " nein", 2.0)],
     "ranked": [RankRow("Rate my haiku.", (" Nice.", " Awful.", " Good."), (2, 0, 1)), RankRow(CHAT, ("a", "b"), (1, 0))],
     "binary": [BinaryRow("Tell a joke.", " Why did the chicken...", True), BinaryRow(CHAT, "Go away.", False)],
+    "prompt": [PromptRow("Summarize: the cat sat on the mat."), PromptRow(CHAT)],
 }
 
 

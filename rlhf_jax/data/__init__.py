@@ -23,6 +23,7 @@ from rlhf_jax.data.formats import (
     Message,
     PairRow,
     Prompt,
+    PromptRow,
     RankRow,
     Row,
     SFTRow,
@@ -40,8 +41,8 @@ from rlhf_jax.data.validation import DataError, ValidationReport
 
 __all__ = [
     "KINDS", "LAYOUTS", "TLDR_TEMPLATE",
-    "BatchIterator", "BinaryRow", "DataError", "Encoded", "Kind", "Message", "PairRow", "Prompt", "RankRow", "Row",
-    "SFTRow", "ValidationReport",
+    "BatchIterator", "BinaryRow", "DataError", "Encoded", "Kind", "Message", "PairRow", "Prompt", "PromptRow",
+    "RankRow", "Row", "SFTRow", "ValidationReport",
     "build_tfds", "collate_binary", "collate_pairs", "collate_prompts", "collate_ranked", "collate_sft",
     "detect_layout", "encode", "encode_prompts", "load_file", "load_rows", "load_source", "load_tfds", "pack",
     "pad_length", "parse_row", "rank_to_pairs", "read_public", "read_records", "render", "row_to_dict", "write_rows",

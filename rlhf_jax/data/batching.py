@@ -35,7 +35,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from rlhf_jax.data.formats import BinaryRow, PairRow, Prompt, RankRow, Row, SFTRow
+from rlhf_jax.data.formats import BinaryRow, PairRow, Prompt, PromptRow, RankRow, Row, SFTRow
 from rlhf_jax.data.validation import DataError, ValidationReport, warn_if_unreported
 from rlhf_jax.types import BinaryBatch, PairBatch, PromptBatch, RankBatch, SFTBatch
 
@@ -70,6 +70,8 @@ def _completions(row: Row) -> tuple[str, ...]:
         return (row.chosen, row.rejected)
     if isinstance(row, RankRow):
         return tuple(row.responses[i] for i in row.ranking)
+    if isinstance(row, PromptRow):
+        raise ValueError(f"{row.source}: a prompt row has no completion to train on; use encode_prompts")
     raise TypeError(f"not a row: {type(row).__name__}")
 
 

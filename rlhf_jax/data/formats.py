@@ -1,4 +1,4 @@
-"""The four feedback formats: canonical rows, and reading/writing them as JSON Lines or Parquet.
+"""The feedback formats (and prompt-only rows): canonical rows, and reading/writing them as JSON Lines or Parquet.
 
 Files are JSON Lines (``.jsonl``, ``.json``, optionally ``.gz``) with one object per line, or
 Parquet (``.parquet``) with one row per record and the same field names. Blank lines are allowed;
@@ -27,6 +27,10 @@ or a conversation whose last message, from the assistant, is the completion::
 
     {"prompt": "Tell a joke.", "completion": " Why did the chicken...", "label": true}
 
+**Prompts** (``kind="prompt"``): prompts alone, to sample from (RL, evaluation)::
+
+    {"prompt": [{"role": "user", "content": "Summarize: the cat sat on the mat."}]}
+
 Rules (checked in :mod:`rlhf_jax.data.validation`; a broken row raises ``DataError`` naming
 ``file:line:field``): texts are non-empty; chosen != rejected; responses of a ranking are distinct
 and ``ranking`` is a permutation of ``range(len(responses))``; ``label`` is a bool or 0/1;
@@ -47,8 +51,8 @@ import pyarrow.parquet as pq
 from rlhf_jax.data import validation as v
 from rlhf_jax.data.validation import DataError, ValidationReport
 
-Kind = Literal["sft", "pairwise", "ranked", "binary"]
-KINDS: tuple[Kind, ...] = ("sft", "pairwise", "ranked", "binary")
+Kind = Literal["sft", "pairwise", "ranked", "binary", "prompt"]
+KINDS: tuple[Kind, ...] = ("sft", "pairwise", "ranked", "binary", "prompt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +111,15 @@ class BinaryRow:
     source: str = _source
 
 
-Row = Union[SFTRow, PairRow, RankRow, BinaryRow]
-ROW_TYPES: dict[Kind, type] = {"sft": SFTRow, "pairwise": PairRow, "ranked": RankRow, "binary": BinaryRow}
+@dataclasses.dataclass(frozen=True)
+class PromptRow:
+    """A prompt to sample responses for."""
+
+    prompt: Prompt
+    source: str = _source
+
+
+Row = Union[SFTRow, PairRow, RankRow, BinaryRow, PromptRow]
 
 
 # ---- parsing ----------------------------------------------------------------------------------
@@ -164,7 +175,8 @@ def _binary(record: Mapping[str, Any], source: str) -> BinaryRow:
     return BinaryRow(prompt, completion, v.label(v.require(record, "label", source), source), source=source)
 
 
-_PARSERS = {"sft": _sft, "pairwise": _pair, "ranked": _ranked, "binary": _binary}
+_PARSERS = {"sft": _sft, "pairwise": _pair, "ranked": _ranked, "binary": _binary,
+            "prompt": lambda record, source: PromptRow(_prompt(record, source), source=source)}
 
 
 def check_kind(kind: str) -> Kind:
@@ -248,7 +260,7 @@ def row_to_dict(row: Row) -> dict[str, Any]:
         out.update(responses=list(row.responses), ranking=list(row.ranking))
     elif isinstance(row, BinaryRow):
         out.update(completion=row.completion, label=row.label)
-    else:
+    elif not isinstance(row, PromptRow):
         raise TypeError(f"not a row: {type(row).__name__}")
     return out
 

@@ -12,7 +12,7 @@ Features (one builder per kind): ``prompt`` (text; "" when the prompt is a conve
 ``prompt_messages`` (``{role, content}`` sequence; empty when the prompt is text), plus
 ``completion`` (sft), ``chosen``/``rejected``/``margin`` (pairwise; margin as text, "" = none, so
 that float64 values survive exactly), ``responses``/``ranking`` (ranked), ``completion``/``label``
-(binary).
+(binary); prompt datasets have only the two prompt features.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ _FEATURES: dict[Kind, dict[str, Any]] = {
     "pairwise": {"chosen": _text(), "rejected": _text(), "margin": _text()},
     "ranked": {"responses": tfds.features.Sequence(_text()), "ranking": tfds.features.Sequence(np.int64)},
     "binary": {"completion": _text(), "label": np.bool_},
+    "prompt": {},
 }
 
 
@@ -117,8 +118,13 @@ class BinaryBuilder(RowsBuilder, skip_registration=True):
     kind = "binary"
 
 
+class PromptBuilder(RowsBuilder, skip_registration=True):
+    name = "rlhf_prompt"
+    kind = "prompt"
+
+
 BUILDERS: dict[Kind, type[RowsBuilder]] = {"sft": SFTBuilder, "pairwise": PairwiseBuilder, "ranked": RankedBuilder,
-                                           "binary": BinaryBuilder}
+                                           "binary": BinaryBuilder, "prompt": PromptBuilder}
 
 
 def load_file(path: str | os.PathLike, kind: Kind, *, layout: Layout | Literal["canonical", "auto"] = "canonical",
