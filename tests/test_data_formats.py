@@ -148,6 +148,12 @@ def test_malformed_row_names_file_line_field(tmp_path, kind, bad, field, reason)
     assert (info.value.reason, info.value.field, info.value.source) == (reason, field, f"{path}:2")
 
 
+def test_json_array_gets_a_hint(tmp_path):
+    path = write_lines(tmp_path / "alpaca.json", ["[", json.dumps(OK["sft"]) + ",", "]"])
+    with pytest.raises(DataError, match=at(path, 1, "<json>") + r"invalid JSON: .* \(a JSON array\? one object per line"):
+        load_rows(path, "sft")
+
+
 def test_parquet_errors_name_the_row(tmp_path):
     path = str(tmp_path / "p.parquet")
     pq.write_table(pa.table({"prompt": ["p", "q", "r"], "chosen": ["a", "x", "b"], "rejected": ["b", "x", "c"]}), path)

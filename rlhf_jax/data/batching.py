@@ -136,7 +136,6 @@ def _encode(rows: Sequence[Row], tokenizer: Any, max_len: int, truncate: Truncat
     out = []
     for row, prompt, (_, tails) in zip(rows, prompts, rendered):
         completions = [c if eos in c else c + [eos] for c in (next(flat) for _ in tails)]
-        counted.rows_read += 1
         try:
             prompt = _fit(prompt, completions, max_len, truncate, tokenizer.bos_token_id, row.source, counted)
         except DataError as error:

@@ -1,4 +1,4 @@
-"""The feedback formats (and prompt-only rows): canonical rows, and reading/writing them as JSON Lines or Parquet.
+"""Feedback formats and prompt rows: canonical dataclasses, read and written as JSON Lines or Parquet.
 
 Files are JSON Lines (``.jsonl``, ``.json``, optionally ``.gz``) with one object per line, or
 Parquet (``.parquet``) with one row per record and the same field names. Blank lines are allowed;
@@ -227,7 +227,8 @@ def _json(line: str, source: str) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
-        return DataError(source, "<json>", "bad_json", f"invalid JSON: {e}")
+        hint = " (a JSON array? one object per line is expected)" if line.lstrip().startswith("[") else ""
+        return DataError(source, "<json>", "bad_json", f"invalid JSON: {e}{hint}")
 
 
 def load_rows(

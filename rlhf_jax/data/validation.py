@@ -50,9 +50,9 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class ValidationReport:
-    """What was read, skipped (per reason, with the first few messages) and truncated.
+    """Records read from files, rows skipped (per reason, with the first few messages), prompts truncated.
 
-    Pass one to a loader, then ``print(report.summary())``.
+    Pass the same report to the loader and to ``encode``, then ``print(report.summary())``.
     """
 
     max_examples: int = 3
