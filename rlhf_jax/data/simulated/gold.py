@@ -38,10 +38,10 @@ VADER_MIN, VADER_CAP = -0.5, 0.6
 FREE_WORDS = 12
 GENERIC_CREDIT, WRONG_COST, MAX_WRONG = 1 / 3, 2 / 3, 2
 
-_GENERIC = re.compile(r"look into|will check this|main phone line")
-_OFFER = re.compile(r"anything else|further (?:help|assistance)")
-_RUDE = re.compile(r"not my problem|stop complaining|read the instructions|your own fault|\bstupid\b|\bwhatever\b")
-_IRRELEVANT = re.compile(r"weather|raining|cafeteria|pasta|football|vacation")
+GENERIC_CUE = re.compile(r"look into|will check this|main phone line")
+OFFER_CUE = re.compile(r"anything else|further (?:help|assistance)")
+RUDE_CUE = re.compile(r"not my problem|stop complaining|read the instructions|your own fault|\bstupid\b|\bwhatever\b")
+IRRELEVANT_CUE = re.compile(r"weather|raining|cafeteria|pasta|football|vacation")
 _WORD = re.compile(r"[a-z0-9']+")
 _SIGNATURES = tuple((t.name, re.compile(t.signature)) for t in TOPICS)
 
@@ -60,13 +60,13 @@ def _response_terms(response: str) -> tuple[float, frozenset[str], bool]:
     repetition = 1.0 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
     vader = _vader().polarity_scores(response)["compound"] if words else 0.0
     score = (W_POLITE * float(np.clip(vader, VADER_MIN, VADER_CAP)) / VADER_CAP
-             + W_OFFER * bool(_OFFER.search(text))
-             - W_RUDE * bool(_RUDE.search(text))
-             - W_IRRELEVANT * bool(_IRRELEVANT.search(text))
+             + W_OFFER * bool(OFFER_CUE.search(text))
+             - W_RUDE * bool(RUDE_CUE.search(text))
+             - W_IRRELEVANT * bool(IRRELEVANT_CUE.search(text))
              - W_LENGTH * max(0, len(words) - FREE_WORDS)
              - W_REPEAT * repetition)
     named = frozenset(name for name, sig in _SIGNATURES if sig.search(text))
-    return score, named, bool(_GENERIC.search(text))
+    return score, named, bool(GENERIC_CUE.search(text))
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -217,7 +217,7 @@ IRRELEVANT_REMARKS = ("It is raining here today, by the way.", "Our cafeteria se
 OFFERS = ("Let me know if you need anything else.", "Is there anything else you need from us?",
           "If you need anything else, just reply here.", "Reply here if you need further assistance.")
 
-_PREFIXES = ("", "Hi. ", "Hello, ", "Hey. ", "Good morning. ")
+_PREFIXES = ("", "Hi. ", "Hello. ", "Hey there. ", "Good morning. ")
 _SUFFIXES = ("", " Please help.", " This is frustrating.", " Can you help?", " Thanks.")
 _SLOTS: Mapping[Split, Mapping[str, tuple[str, ...]]] = {
     "train": {
