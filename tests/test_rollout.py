@@ -121,6 +121,7 @@ def test_sampler_frequencies_match_reported_logps():
 # ----------------------------------------------------------------------------- generation on tiny checkpoints
 
 P, R = 7, 12
+forward = jax.jit(models.forward, static_argnums=0)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def left_padded_prompts(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarr
 
 def full_forward_logps(cfg, params, r: rollout.Rollout, logits_fn=lambda x: x) -> np.ndarray:
     """Log-probs of the response tokens from one fresh forward pass over ``r.sequences_BT``."""
-    logits_BTV = models.forward(cfg, params, r.sequences_BT, r.attention_mask_BT)
+    logits_BTV = forward(cfg, params, r.sequences_BT, r.attention_mask_BT)
     logits_BRV = logits_fn(np.asarray(logits_BTV[:, r.prompt_len - 1 : -1]))
     logps_BRV = jax.nn.log_softmax(jnp.asarray(logits_BRV), axis=-1)
     return np.asarray(jnp.take_along_axis(logps_BRV, r.response_ids_BR[..., None], axis=-1)[..., 0])
@@ -155,29 +156,47 @@ def full_forward_logps(cfg, params, r: rollout.Rollout, logits_fn=lambda x: x) -
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_greedy_matches_transformers_generate(family, request):
     path, cfg, params = request.getfixturevalue(family)
+    hf_model = load_hf_model(path)
     ids, mask = left_padded_prompts(4)
-    # EOS: a token our greedy decoder emits at step 3 of row 0, so at least that row stops early.
-    free = rollout.generate(cfg, params, ids, mask, key=jax.random.key(0), max_new_tokens=R, temperature=0.0)
-    eos = int(free.response_ids_BR[0, 3])
+
+    def hf_generate(**kwargs) -> np.ndarray:
+        with torch.no_grad():
+            out = hf_model.generate(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                                    do_sample=False, max_new_tokens=R, pad_token_id=PAD_ID, **kwargs).numpy()
+        return np.pad(out, ((0, 0), (0, P + R - out.shape[1])), constant_values=PAD_ID)  # HF stops when all rows end
+
+    # EOS: a token transformers emits in the first 4 steps of row 0 but never in some other row,
+    # so both early-stopping rows and rows that run to the limit occur.
+    free = hf_generate(min_new_tokens=R)[:, P:]
+    eos = next(int(t) for t in free[0, :4] if not all(t in row for row in free[1:]))
     ours = rollout.generate(cfg, params, ids, mask, key=jax.random.key(0), max_new_tokens=R, temperature=0.0,
                             eos_ids=(eos,), pad_id=PAD_ID)
-    with torch.no_grad():
-        theirs = load_hf_model(path).generate(
-            input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(), do_sample=False,
-            max_new_tokens=R, pad_token_id=PAD_ID, eos_token_id=eos,
-        ).numpy()
-    theirs = np.pad(theirs, ((0, 0), (0, P + R - theirs.shape[1])), constant_values=PAD_ID)  # HF stops when all rows end
-    np.testing.assert_array_equal(np.asarray(ours.sequences_BT), theirs)
+    np.testing.assert_array_equal(np.asarray(ours.sequences_BT), hf_generate(eos_token_id=eos))
     assert bool(ours.has_eos_B[0]) and int(ours.lengths_B[0]) <= 4
+    assert not np.asarray(ours.has_eos_B).all()  # rows that never emit EOS run to the limit
+
+
+EOS_IDS = tuple(range(3, 13))  # ~10% of the vocabulary: sampled rows end at different steps
+SAMPLED = dict(max_new_tokens=R, eos_ids=EOS_IDS, pad_id=PAD_ID, num_samples=2)
+
+
+def generate_sampled(cfg, params, temperature: float) -> rollout.Rollout:
+    ids, mask = left_padded_prompts(4)
+    return rollout.generate(cfg, params, ids, mask, key=jax.random.key(4), temperature=temperature, **SAMPLED)
+
+
+@pytest.fixture(scope="module")
+def sampled(llama) -> rollout.Rollout:
+    """Shared by several tests (one compilation): 4 prompts x 2 samples at temperature 1, with EOS."""
+    _, cfg, params = llama
+    return generate_sampled(cfg, params, 1.0)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
-def test_logps_equal_full_forward_pass(llama, temperature):
+def test_logps_equal_full_forward_pass(llama, sampled, temperature):
     """PPO recomputes log-probs on sequences_BT with one forward pass: same numbers (fp32)."""
     _, cfg, params = llama
-    ids, mask = left_padded_prompts(3)
-    r = rollout.generate(cfg, params, ids, mask, key=jax.random.key(1), max_new_tokens=R, temperature=temperature,
-                         eos_ids=tuple(range(3, 13)), pad_id=PAD_ID, num_samples=2)
+    r = sampled if temperature == 1.0 else generate_sampled(cfg, params, temperature)
     scale = 1.0 if temperature == 0.0 else temperature  # greedy reports the untempered model log-probs
     want = full_forward_logps(cfg, params, r, lambda x: x / np.float32(scale))
     m = np.asarray(r.response_mask_BR) == 1
@@ -220,24 +239,22 @@ def test_keys_and_samples(llama):
     assert (np.asarray(a.response_mask_BR) == 1).all()
 
 
-def test_eos_padding_masks_and_lengths(llama):
-    _, cfg, params = llama
-    ids, mask = left_padded_prompts(3)
-    eos_ids = tuple(range(3, 13))
-    r = rollout.generate(cfg, params, ids, mask, key=jax.random.key(3), max_new_tokens=R, temperature=1.0,
-                         eos_ids=eos_ids, pad_id=PAD_ID, num_samples=4)
+def test_eos_padding_masks_and_lengths(sampled):
+    r = sampled
+    _, mask = left_padded_prompts(4)
     resp, seqs = np.asarray(r.response_ids_BR), np.asarray(r.sequences_BT)
     assert 0 < np.asarray(r.has_eos_B).sum() < len(resp)  # both kinds of rows occur
     for b, row in enumerate(resp):
-        hits = [t for t, tok in enumerate(row) if tok in eos_ids]
+        hits = [t for t, tok in enumerate(row) if tok in EOS_IDS]
         length = hits[0] + 1 if hits else R
         assert int(r.lengths_B[b]) == length and bool(r.has_eos_B[b]) == bool(hits)
         assert (row[length:] == PAD_ID).all()
-        np.testing.assert_array_equal(np.asarray(r.response_mask_BR[b]), np.arange(R) < length)
+        in_response = np.arange(R) < length
+        np.testing.assert_array_equal(np.asarray(r.response_mask_BR[b]), in_response)
         np.testing.assert_array_equal(np.asarray(r.logps_BR[b, length:]), 0.0)
         assert (np.asarray(r.logps_BR[b, :length]) < 0).all()
-        np.testing.assert_array_equal(np.asarray(r.attention_mask_BT[b]), np.concatenate([mask[b // 4], np.arange(R) < length]))
-        np.testing.assert_array_equal(np.asarray(r.response_mask_BT[b]), np.concatenate([np.zeros(P), np.arange(R) < length]))
+        np.testing.assert_array_equal(np.asarray(r.attention_mask_BT[b]), np.concatenate([mask[b // 2], in_response]))
+        np.testing.assert_array_equal(np.asarray(r.response_mask_BT[b]), np.concatenate([np.zeros(P), in_response]))
     np.testing.assert_array_equal(seqs[:, P:], resp)
 
 
@@ -255,19 +272,18 @@ def test_bad_input(llama):
         rollout.generate(cfg, params, ids, empty, key=jax.random.key(0), max_new_tokens=R)
 
 
-def test_sharded_generate_on_8_device_mesh_equals_single_device(llama):
+def test_sharded_generate_on_8_device_mesh_equals_single_device(llama, sampled):
     _, cfg, params = llama
-    ids, mask = left_padded_prompts(4)
-    kwargs = dict(key=jax.random.key(4), max_new_tokens=R, eos_ids=tuple(range(3, 13)), pad_id=PAD_ID, num_samples=2)
-    single = rollout.generate(cfg, params, ids, mask, **kwargs)
-
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     rules = sharding.DEFAULT_RULES
     sharded_params = jax.device_put(params, sharding.logical_to_sharding(models.param_logical_axes(cfg), mesh, rules, params))
-    assert sharding.per_device_bytes(sharded_params["layers"]["mlp"]["up"]["kernel"]) * 4 == params["layers"]["mlp"]["up"]["kernel"].nbytes
-    ids_s, mask_s = sharding.shard_batch((ids, mask), mesh, rules)
-    assert len(ids_s.sharding.device_set) == 8
-    multi = jax.jit(lambda p, i, m: rollout.generate(cfg, p, i, m, **kwargs))(sharded_params, ids_s, mask_s)
-    np.testing.assert_array_equal(np.asarray(multi.sequences_BT), np.asarray(single.sequences_BT))
-    np.testing.assert_array_equal(np.asarray(multi.response_mask_BR), np.asarray(single.response_mask_BR))
-    np.testing.assert_allclose(np.asarray(multi.logps_BR), np.asarray(single.logps_BR), atol=1e-5, rtol=0)
+    up_kernel = lambda p: p["layers"]["mlp"]["up"]["kernel"]  # (L, D, F): D over fsdp, F over tensor
+    assert sharding.per_device_bytes(up_kernel(sharded_params)) * 4 == up_kernel(params).nbytes
+    ids, mask = sharding.shard_batch(left_padded_prompts(4), mesh, rules)
+    assert len(ids.sharding.device_set) == 8
+
+    generate = jax.jit(lambda p, i, m: rollout.generate(cfg, p, i, m, key=jax.random.key(4), temperature=1.0, **SAMPLED))
+    multi = generate(sharded_params, ids, mask)
+    np.testing.assert_array_equal(np.asarray(multi.sequences_BT), np.asarray(sampled.sequences_BT))
+    np.testing.assert_array_equal(np.asarray(multi.response_mask_BR), np.asarray(sampled.response_mask_BR))
+    np.testing.assert_allclose(np.asarray(multi.logps_BR), np.asarray(sampled.logps_BR), atol=1e-5, rtol=0)
