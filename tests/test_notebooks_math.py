@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -18,7 +19,7 @@ def output() -> str:
     env.update(
         BANDIT_ITERATIONS="40",
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax_test"),
+        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or str(ROOT / ".cache" / "jax_test"),  # conftest's cache
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
     env.pop("XLA_FLAGS", None)  # one device is enough; avoids 8 fake devices in the child

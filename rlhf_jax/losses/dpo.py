@@ -32,6 +32,8 @@ def robust_preference_loss(h_B: jax.Array, *, beta: float, label_smoothing: floa
 
         ℓ = [(1 − ε)·(−log σ(β h)) − ε·(−log σ(−β h))] / (1 − 2ε)
     """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
     eps = label_smoothing
     return ((1.0 - eps) * -jax.nn.log_sigmoid(beta * h_B) + eps * jax.nn.log_sigmoid(-beta * h_B)) / (1.0 - 2.0 * eps)
 
@@ -92,8 +94,6 @@ def dpo_loss(
         if variant in ("dpo", "cdpo"):
             loss_B = sigmoid_preference_loss(h_B, beta=beta, label_smoothing=label_smoothing)
         elif variant == "robust":
-            if not 0.0 <= label_smoothing < 0.5:
-                raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
             loss_B = robust_preference_loss(h_B, beta=beta, label_smoothing=label_smoothing)
         elif variant == "ipo":
             loss_B = ipo_loss(h_B, beta=beta)
