@@ -30,7 +30,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from rlhf_jax.data.simulated import world
-from rlhf_jax.data.simulated.rows import sft_rows
 
 VERSION = "embedded-v1"
 """Bump when the world, tokenizer or config changes, so stale caches are not reused."""
@@ -130,11 +129,13 @@ class LengthStats:
     response_max: int
 
 
-def length_stats(tokenizer: Any, n: int = 5000, seed: int = 1, split: world.Split = "train") -> LengthStats:
-    """Token-length distribution of prompts and of demonstration responses (SFT rows)."""
-    rows = sft_rows(n, seed, split)
-    prompts = np.array([len(ids) for ids in tokenizer([r["prompt"] for r in rows])["input_ids"]])
-    responses = np.array([len(ids) + 1 for ids in tokenizer([r["completion"] for r in rows], add_special_tokens=False)["input_ids"]])
+def length_stats(tokenizer: Any, n: int = 2000, seed: int = 1, split: world.Split = "train") -> LengthStats:
+    """Token-length distribution of prompts and of demonstration responses."""
+    rng = np.random.default_rng(seed)
+    texts = [world.sample_prompt(rng, split) for _ in range(n)]
+    texts = [(prompt, " " + world.sample_response(rng, topic)[0]) for prompt, topic in texts]
+    prompts = np.array([len(ids) for ids in tokenizer([p for p, _ in texts])["input_ids"]])
+    responses = np.array([len(ids) + 1 for ids in tokenizer([r for _, r in texts], add_special_tokens=False)["input_ids"]])
     qs = (50, 90, 99, 100)
     return LengthStats({q: float(np.percentile(prompts, q)) for q in qs}, {q: float(np.percentile(responses, q)) for q in qs},
                        int(prompts.max()), int(responses.max()))
