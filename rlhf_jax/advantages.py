@@ -24,7 +24,7 @@ def per_token_rewards(
 
         r_t = −β · KL_t · m_t  +  s · [t = last response token]
 
-    (Ziegler et al. 2019, §2.2; Stiennon et al. 2020, eq. 1; Huang et al. 2024, "The N+
+    (Ziegler et al. 2019, §2.2; Stiennon et al. 2020; Huang et al. 2024, "The N+
     implementation details of RLHF with PPO"). The last response token is the last position where
     ``response_mask_BT`` is 1. With ``missing_eos_penalty`` set, rows whose response did not end
     with EOS (``has_eos_B`` False) get that fixed score instead of the reward model's
@@ -150,7 +150,7 @@ def whiten_advantages(advantages_BT: jax.Array, mask_BT: jax.Array, *, shift_mea
 
 
 def rloo(scores_BN: jax.Array) -> jax.Array:
-    """REINFORCE leave-one-out advantages for N samples per prompt (Ahmadian et al. 2024, §3.2; Kool et al. 2019).
+    """REINFORCE leave-one-out advantages for N samples per prompt (Ahmadian et al. 2024; Kool et al. 2019).
 
         A_i = s_i − 1/(N−1) Σ_{j≠i} s_j  =  N/(N−1) · (s_i − mean_j s_j)
 

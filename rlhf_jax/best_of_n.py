@@ -24,7 +24,7 @@ def gather_best(tree_BN: Any, indices_B: jax.Array) -> Any:
 
 
 def best_of_n_kl(n: int) -> float:
-    """``KL(π_bon ‖ π) = log n − (n − 1)/n`` (Stiennon et al. 2020, App. G.3).
+    """``KL(π_bon ‖ π) = log n − (n − 1)/n`` (stated in Stiennon et al. 2020 and Nakano et al. 2021).
 
     Exact when the reward has no ties (continuous distribution of scores); for discrete outputs it
     is an upper bound (Beirami et al. 2024, "Theoretical guarantees on the best-of-n alignment policy").

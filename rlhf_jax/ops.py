@@ -101,7 +101,10 @@ def token_logps(logits_BTV, targets_BT) -> jax.Array:
 
 
 def entropy_from_logits(logits_BTV) -> jax.Array:
-    """Per-token entropy ``H = −Σ_v p_v log p_v = logsumexp(z) − Σ_v p_v z_v``, in float32."""
+    """Per-token entropy ``H = −Σ_v p_v log p_v = logsumexp(z) − Σ_v p_v z_v``, in float32.
+
+    Logits must be finite: mask vocabulary entries with a large negative number, not −inf.
+    """
     logits_BTV = _f32(logits_BTV)
     probs_BTV = jax.nn.softmax(logits_BTV, axis=-1)
     return jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.sum(probs_BTV * logits_BTV, axis=-1)

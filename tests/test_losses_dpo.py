@@ -33,11 +33,11 @@ def _dpo_family_loop(variant, beta, eps, gamma):
             out.append(-_log_sigmoid(beta * h))
         elif variant == "cdpo":  # Mitchell 2023
             out.append(-(1 - eps) * _log_sigmoid(beta * h) - eps * _log_sigmoid(-beta * h))
-        elif variant == "robust":  # Chowdhury et al. 2024 eq. 8
+        elif variant == "robust":  # Chowdhury et al. 2024
             out.append(((1 - eps) * -_log_sigmoid(beta * h) - eps * -_log_sigmoid(-beta * h)) / (1 - 2 * eps))
-        elif variant == "ipo":  # Azar et al. 2023 eq. 17
+        elif variant == "ipo":  # Azar et al. 2023
             out.append((h - 1 / (2 * beta)) ** 2)
-        elif variant == "simpo":  # Meng et al. 2024 eq. 6
+        elif variant == "simpo":  # Meng et al. 2024
             out.append(-_log_sigmoid(beta / LEN_C[i] * PC[i] - beta / LEN_R[i] * PR[i] - gamma))
     return float(np.mean(out))
 
@@ -104,7 +104,7 @@ kto = jax.jit(losses.kto_loss, static_argnames=("beta", "desirable_weight", "und
 
 
 def _kto_loop(kl_p, kl_r, beta, wd, wu):
-    """Ethayarajh et al. 2024 eq. 8: mean of λ_y − v(x, y), z0 = max(0, mean KL term)."""
+    """Ethayarajh et al. 2024 §4: mean of λ_y − v(x, y), z0 = max(0, mean KL term)."""
     z0 = max(0.0, float(np.mean(kl_p.astype(np.float64) - kl_r)))
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     out = []

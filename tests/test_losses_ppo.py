@@ -27,7 +27,7 @@ SETTINGS = settings(max_examples=25, deadline=None)
 
 
 def _ppo_token_loop(lp, old, a, eps, eps_high, dual, ent, coef):
-    """Per-token −min(ρA, clip(ρ)A) (Schulman 2017 eq. 7), dual clip max(·, cA) for A<0 (Ye 2020 eq. 5)."""
+    """Per-token −min(ρA, clip(ρ)A) (Schulman 2017 eq. 7), dual clip max(·, cA) for A<0 (Ye et al. 2020, dual clip)."""
     out = np.zeros(lp.shape)
     for b in range(lp.shape[0]):
         for t in range(lp.shape[1]):

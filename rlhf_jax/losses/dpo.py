@@ -28,7 +28,7 @@ def sigmoid_preference_loss(h_B: jax.Array, *, beta: float, label_smoothing: flo
 
 
 def robust_preference_loss(h_B: jax.Array, *, beta: float, label_smoothing: float) -> jax.Array:
-    """Robust DPO, unbiased under label-flip rate ε < ½ (Chowdhury et al. 2024, "Provably Robust DPO", eq. 8).
+    """Robust DPO, unbiased under label-flip rate ε < ½ (Chowdhury et al. 2024, "Provably Robust DPO").
 
         ℓ = [(1 − ε)·(−log σ(β h)) − ε·(−log σ(−β h))] / (1 − 2ε)
     """
@@ -39,7 +39,7 @@ def robust_preference_loss(h_B: jax.Array, *, beta: float, label_smoothing: floa
 
 
 def ipo_loss(h_B: jax.Array, *, beta: float) -> jax.Array:
-    """IPO per pair: ``(h − 1/(2β))²`` (Azar et al. 2023, "A General Theoretical Paradigm...", §5.1, eq. 17; τ = β)."""
+    """IPO per pair: ``(h − 1/(2β))²`` (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences", §5; τ = β)."""
     return jnp.square(h_B - 1.0 / (2.0 * beta))
 
 
@@ -62,11 +62,11 @@ def dpo_loss(
 
     - ``"dpo"``:    −log σ(β h)                                   Rafailov et al. 2023, eq. 7
     - ``"cdpo"``:   −(1−ε) log σ(β h) − ε log σ(−β h)              Mitchell 2023 (= "dpo" + label_smoothing)
-    - ``"robust"``: [(1−ε)(−log σ(β h)) − ε(−log σ(−β h))]/(1−2ε)  Chowdhury et al. 2024, eq. 8
-    - ``"ipo"``:    (h − 1/(2β))²                                 Azar et al. 2023, eq. 17
+    - ``"robust"``: [(1−ε)(−log σ(β h)) − ε(−log σ(−β h))]/(1−2ε)  Chowdhury et al. 2024
+    - ``"ipo"``:    (h − 1/(2β))²                                 Azar et al. 2023, §5
     - ``"simpo"``:  −log σ(β (log π(y_w)/|y_w| − log π(y_l)/|y_l|) − γ)
       — length-averaged log-probs, no reference (pass None), margin γ = ``simpo_gamma``
-      (Meng et al. 2024, eq. 6); its implicit reward is ``β·log π(y)/|y|``. Without lengths the
+      (Meng et al. 2024, SimPO); its implicit reward is ``β·log π(y)/|y|``. Without lengths the
       log-probs are taken as already averaged. ``label_smoothing`` applies as in cDPO.
 
     IPO follows the paper with summed log-probs; pass length-averaged ones for TRL's variant.
@@ -128,7 +128,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> tuple[jax.Array, Metrics]:
-    """KTO for unpaired thumbs-up / thumbs-down data (Ethayarajh et al. 2024, §4.1, eq. 8).
+    """KTO for unpaired thumbs-up / thumbs-down data (Ethayarajh et al. 2024, §4).
 
         r(x, y) = log π(y|x) − log π_ref(y|x)
         z_0     = max(0, mean_b [log π(y'_b|x_b) − log π_ref(y'_b|x_b)])   (stop-gradient)

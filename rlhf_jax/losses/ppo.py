@@ -33,7 +33,7 @@ def ppo_policy_loss(
     and the loss aggregates ℓ over the mask (see :func:`rlhf_jax.ops.masked_aggregate`).
     ``ε_high`` defaults to ε (asymmetric "clip-higher" as in DAPO, Yu et al. 2025, when set).
     Dual clip bounds the loss of negative-advantage tokens whose ratio has exploded
-    (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL", §3.3, eq. 5).
+    (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep Reinforcement Learning", dual-clip PPO).
     The gradient is zero exactly where the clip binds: A > 0 and ρ > 1 + ε_high, A < 0 and
     ρ < 1 − ε, and (dual clip) A < 0 and ρ > c.
 

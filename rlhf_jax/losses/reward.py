@@ -31,7 +31,7 @@ def pairwise_reward_loss(
     - plain BT: ``−log σ(r_c − r_r)`` (Bradley & Terry 1952; Ouyang et al. 2022 §3.5);
     - margin ``m`` from the preference strength (Llama 2, Touvron et al. 2023, §3.2.2);
     - label smoothing = conservative BT against ε label noise (as cDPO, Mitchell 2023);
-    - reward centering pulls r_c + r_r to 0 (Eisenstein et al. 2023, "Helping or Herding?", §3);
+    - reward centering pulls r_c + r_r to 0 (Eisenstein et al. 2023, "Helping or Herding?");
     - ``weights_B`` weighs pairs (0 drops a padding pair). All-zero weights give loss 0.
 
     Metrics: ``rm/loss``, ``rm/accuracy`` (r_c > r_r), ``rm/margin`` (r_c − r_r),
