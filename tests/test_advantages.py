@@ -1,7 +1,6 @@
 """Per-token rewards, GAE, whitening, RLOO and GRPO against plain Python loops."""
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings

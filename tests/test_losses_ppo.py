@@ -1,7 +1,6 @@
 """PPO policy and value losses against per-token NumPy loops, plus gradient properties (hypothesis)."""
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
