@@ -19,7 +19,8 @@ def built(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RLHF_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
         path = embedded.embedded_dir()
-        assert path.name == embedded.VERSION and path.parent == embedded.cache_root()
+        assert path.parent == embedded.cache_root()
+        assert path.name == f"{embedded.VERSION}-{embedded.fingerprint(embedded.tokenizer_corpus())}"
         mtime = (path / "tokenizer.json").stat().st_mtime_ns
         assert embedded.embedded_dir() == path and (path / "tokenizer.json").stat().st_mtime_ns == mtime  # cached
     return path

@@ -19,6 +19,8 @@ prompts and responses.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -32,7 +34,7 @@ from transformers import LlamaConfig, PreTrainedTokenizerFast
 from rlhf_jax.data.simulated import world
 
 VERSION = "embedded-v1"
-"""Bump when the world, tokenizer or config changes, so stale caches are not reused."""
+"""Prefix of the cache directory (its suffix fingerprints the world's text and the settings)."""
 VOCAB_SIZE = 1024
 CORPUS_ROWS = 20_000
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -83,13 +85,19 @@ def model_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
                        pad_token_id=tokenizer.pad_token_id, **MODEL)
 
 
-def build(out: str | os.PathLike) -> pathlib.Path:
-    """Write the tokenizer and ``config.json`` to ``out`` (created; files there are overwritten)."""
+def build(out: str | os.PathLike, corpus: list[str] | None = None) -> pathlib.Path:
+    """Write the tokenizer (fitted on ``corpus``, default ``tokenizer_corpus()``) and ``config.json`` to ``out``."""
     out = pathlib.Path(out)
-    tokenizer = build_tokenizer(tokenizer_corpus())
+    tokenizer = build_tokenizer(tokenizer_corpus() if corpus is None else corpus)
     tokenizer.save_pretrained(out)
     model_config(tokenizer).save_pretrained(out)
     return out
+
+
+def fingerprint(corpus: list[str]) -> str:
+    """12 hex digits of SHA-256 over what a build depends on: the corpus and the settings."""
+    blob = json.dumps([corpus, VOCAB_SIZE, MODEL, CHAT_TEMPLATE, [BOS, EOS, PAD]]).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def cache_root() -> pathlib.Path:
@@ -98,19 +106,21 @@ def cache_root() -> pathlib.Path:
 
 
 def embedded_dir() -> pathlib.Path:
-    """The embedded tokenizer + config directory, built once into ``cache_root() / VERSION``.
+    """The embedded tokenizer + config directory, built once into ``cache_root() / "embedded-v1-<fingerprint>"``.
 
-    Concurrent callers are safe: each builds into a temporary sibling and renames it into place;
-    the first rename wins and the others discard theirs (the builds are identical).
+    The fingerprint changes whenever the world's text or a setting does, so a stale build is never
+    reused. Concurrent callers are safe: each builds into a temporary sibling and renames it into
+    place; the first rename wins and the others discard theirs (the builds are identical).
     """
-    target = cache_root() / VERSION
+    corpus = tokenizer_corpus()
+    target = cache_root() / f"{VERSION}-{fingerprint(corpus)}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{VERSION}-", dir=target.parent))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build(tmp)
-        os.rename(tmp, target)  # config.json is written last, so its presence means a complete build
+        build(tmp, corpus)
+        os.rename(tmp, target)
     except OSError:
         if not (target / "config.json").exists():
             raise

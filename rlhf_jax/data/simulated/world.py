@@ -309,7 +309,7 @@ def sample_response(rng: np.random.Generator, topic: Topic, mix: Mix = DEMO_MIX)
     The text has no leading space; the parts dict says ``opener`` (empathy/flat/none), ``action``
     (correct/generic/wrong), ``filler``, ``remark`` (rude/irrelevant/none) and ``offer`` (yes/no).
     """
-    u = rng.random(6)
+    u = rng.random(5)
     parts: list[str] = []
     if u[0] < mix.empathy:
         opener = "empathy"
