@@ -2,7 +2,9 @@
 
 Every row has the format's fields plus a ``meta`` dict (topic, split, gold scores) that the formats
 ignore. Responses start with a space (they follow the prompt's ``"Agent:"``), as a policy would
-generate them. The same ``(n, seed, split)`` always gives the same rows.
+generate them. The same ``(n, seed, split)`` always gives the same rows, and builders called with
+the same seed draw the same prompts: give independent datasets (SFT demonstrations, reward-model
+comparisons, RL prompts, evaluation) different seeds.
 
 Responses to annotate come from the demonstrations' distribution (``demo_sampler``) or from any
 ``ResponseSampler``, e.g. the current policy, so that an iterated pipeline annotates its own samples.
