@@ -1,0 +1,203 @@
+"""RLHF with PPO: maximise the reward model's score minus a per-token KL penalty to the SFT model.
+
+Each iteration samples responses to a batch of prompts, scores them (reward model at the last
+token, −β·KL at every token, GAE on a value head or a separate critic), and runs epochs ×
+minibatches of clipped PPO updates inside one jitted step.
+
+    python experiments/ppo.py                                 # after sft.py and reward_model.py
+    python experiments/ppo.py --model.path runs/qwen/sft/hf --reward-model runs/qwen/rm/hf \
+        --data.path prompts.jsonl --run.out runs/qwen --kl.adaptive --run.mesh.fsdp 8
+
+Writes <run.out>/ppo/: metrics (TensorBoard + metrics.jsonl), samples.md, checkpoints, hf/, eval.json.
+"""
+# %%
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import time
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tyro
+
+from rlhf_jax import checkpoint, kl, losses, models, rollout, steps, workflow
+from rlhf_jax.configs import CheckpointConfig, OptimizerConfig
+from rlhf_jax.data import BatchIterator, collate_prompts, encode_prompts, simulated
+from rlhf_jax.logging import MetricsLogger
+from rlhf_jax.metrics import to_floats
+from rlhf_jax.train_state import make_optimizer, place_train_state, shardings_of
+
+
+@dataclasses.dataclass(frozen=True)
+class KLArgs:
+    """The KL penalty between the policy and the reference (the SFT model)."""
+
+    coef: float = 0.05
+    """β: initial (adaptive) or fixed KL coefficient."""
+    adaptive: bool = False
+    """Adapt β towards ``target`` (Ziegler et al. 2019)."""
+    target: float = 6.0
+    """Target KL per sequence, nats (adaptive only)."""
+    horizon: int = 10000
+    """Adaptation horizon in episodes (adaptive only)."""
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token estimator in the reward penalty."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    model: workflow.ModelArgs = workflow.ModelArgs()
+    """Policy to start from, also the frozen reference (default: <run.out>/sft/hf)."""
+    reward_model: str | None = None
+    """Reward model folder from reward_model.py (default: <run.out>/rm/hf)."""
+    data: workflow.DataArgs = workflow.DataArgs(num_train=4096, num_eval=256, seed=2)
+    """Prompts (any row kind with a prompt); simulated prompts by default."""
+    run: workflow.RunArgs = workflow.RunArgs(save_every=10, log_every=1)
+    optim: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10_000, b2=0.99)
+    sample: workflow.SampleArgs = workflow.SampleArgs(batch_size=64)
+    kl: KLArgs = KLArgs()
+    iterations: int = 60
+    """PPO iterations (rollout + update)."""
+    rollout_prompts: int = 64
+    """Prompts sampled per iteration."""
+    epochs: int = 4
+    """Passes over each rollout batch."""
+    num_minibatches: int = 4
+    """Minibatches per epoch (one optimizer step each)."""
+    clip_eps: float = 0.2
+    """PPO ratio clip ε."""
+    vf_coef: float = 0.1
+    """Value-loss weight."""
+    value_clip: float = 0.2
+    """Value clip range."""
+    entropy_coef: float = 0.0
+    """Entropy bonus."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    missing_eos_penalty: float | None = -1.0
+    """Score given to responses that hit the length limit without EOS (None: keep the RM score)."""
+    critic: Literal["value_head", "separate"] = "value_head"
+    """Value head on the policy's backbone, or a separate critic initialised from the reward model."""
+    eval_every: int = 20
+    """Iterations between held-out evaluations (gold score, win rate, KL)."""
+    num_eval_prompts: int = 256
+    samples_every: int = 10
+    """Iterations between sample tables in samples.md / TensorBoard."""
+
+
+def main(cfg: PPOConfig) -> dict:
+    mesh, rules = workflow.setup(cfg.run)
+    run_dir = pathlib.Path(cfg.run.out)
+    policy_path = cfg.model.path or str(run_dir / "sft" / "hf")
+    model_cfg, sft_params, tokenizer = workflow.load_lm(dataclasses.replace(cfg.model, path=policy_path))
+    reward_cfg, rm_params, _ = workflow.load_reward_model(cfg.reward_model or run_dir / "rm" / "hf", cfg.model)
+    axes = models.param_logical_axes(model_cfg)
+    head_axes = models.scalar_head_logical_axes()
+    if cfg.critic == "value_head":
+        params = {"policy": sft_params, "value_head": models.init_scalar_head(model_cfg, jax.random.key(1))}
+        param_axes = {"policy": axes, "value_head": head_axes}
+        critic_cfg = None
+    else:
+        params = {"policy": sft_params, "critic": rm_params}
+        param_axes = {"policy": axes, "critic": {"backbone": models.param_logical_axes(reward_cfg), "head": head_axes}}
+        critic_cfg = reward_cfg
+    frozen = {"reference": sft_params, "reward": rm_params}
+    frozen_axes = {"reference": axes, "reward": {"backbone": models.param_logical_axes(reward_cfg), "head": head_axes}}
+    optimizer = make_optimizer(cfg.optim)
+    state = place_train_state(params, optimizer, mesh, rules, param_axes, frozen=frozen, frozen_axes=frozen_axes)
+    del params, frozen, sft_params, rm_params
+    state_sh = shardings_of(state)
+
+    policy_loss = functools.partial(losses.ppo_policy_loss, clip_eps=cfg.clip_eps, entropy_coef=cfg.entropy_coef)
+    value_loss = functools.partial(losses.value_loss, clip_range=cfg.value_clip)
+    score_step = steps.make_ppo_score_step(model_cfg, reward_cfg, state_sh, mesh, rules, critic_cfg=critic_cfg,
+                                           kl_estimator=cfg.kl.estimator, gamma=cfg.gamma, lam=cfg.lam,
+                                           missing_eos_penalty=cfg.missing_eos_penalty)
+    ppo_step = steps.make_ppo_step(model_cfg, optimizer, state_sh, mesh, rules, epochs=cfg.epochs,
+                                   num_minibatches=cfg.num_minibatches, critic_cfg=critic_cfg,
+                                   policy_loss_fn=policy_loss, value_loss_fn=value_loss, vf_coef=cfg.vf_coef)
+    generate = functools.partial(rollout.generate, model_cfg, max_new_tokens=cfg.sample.max_new_tokens,
+                                 temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
+                                 eos_ids=workflow.eos_ids(model_cfg, tokenizer), pad_id=tokenizer.pad_token_id)
+
+    train_rows = workflow.rows_from(cfg.data, "prompt", "train", simulated.prompt_rows)
+    eval_prompts = workflow.prompt_texts(workflow.rows_from(cfg.data, "prompt", "eval", simulated.prompt_rows))
+    eval_prompts = eval_prompts[:cfg.num_eval_prompts]
+    encoded = encode_prompts(train_rows, tokenizer, max_len=cfg.sample.max_prompt_len)
+
+    def collate(indices):  # a left-padded PromptBatch and the prompt texts (for the gold scorer and logs)
+        batch = collate_prompts([None if i is None else encoded[i] for i in indices], pad_id=tokenizer.pad_token_id,
+                                length=cfg.sample.max_prompt_len)
+        return batch, [train_rows[i].prompt for i in indices]
+
+    prompts_it = BatchIterator(range(len(encoded)), collate, batch_size=cfg.rollout_prompts, seed=cfg.run.seed)
+
+    kl_ctl = (kl.AdaptiveKLController.create(cfg.kl.coef, target=cfg.kl.target, horizon=cfg.kl.horizon)
+              if cfg.kl.adaptive else kl.FixedKLController.create(cfg.kl.coef))
+    out = workflow.stage_dir(cfg.run, "ppo")
+    manager = checkpoint.make_checkpoint_manager(CheckpointConfig(directory=str(out / "checkpoints"),
+                                                                  save_every=cfg.run.save_every, async_save=False))
+    start = 0
+    if cfg.run.resume and manager.latest_step() is not None:
+        restored = checkpoint.restore(manager, workflow.abstract_of(state))
+        state, start = restored.state, restored.step
+        prompts_it.set_state(restored.data_state["prompts"])
+        kl_ctl = kl_ctl.replace(value=jnp.asarray(restored.data_state["kl_coef"], jnp.float32))
+        print(f"[ppo] resumed from iteration {start}", flush=True)
+
+    def evaluate(state) -> dict:
+        if cfg.data.path is not None or not eval_prompts:
+            return {}
+        ev = workflow.evaluate_policy(model_cfg, state.params["policy"], state.frozen["reference"], tokenizer,
+                                      eval_prompts, seed=cfg.run.seed + 1000, sample_args=cfg.sample, mesh=mesh,
+                                      rules=rules)
+        workflow.write_json(out / "eval.json", ev)
+        return {f"eval/{k}": v for k, v in ev.items() if k != "samples"}
+
+    key = jax.random.key(cfg.run.seed)
+    last_eval: dict = {}
+    with MetricsLogger(out, stage="ppo") as logger, open(out / "samples.md", "a") as samples_md:
+        for it in range(start + 1, cfg.iterations + 1):
+            t0 = time.perf_counter()
+            it_key = jax.random.fold_in(key, it)
+            prompts, texts = next(prompts_it)
+            ids, mask = workflow.sharding.shard_batch((prompts.prompt_ids_BP, prompts.prompt_mask_BP), mesh, rules)
+            r = generate(state.params["policy"], ids, mask, key=jax.random.fold_in(it_key, 0))
+            t_gen = time.perf_counter() - t0
+            batch, score_metrics = score_step(state, r, kl_ctl.value)
+            state, train_metrics = ppo_step(state, batch, jax.random.fold_in(it_key, 1))
+            values = to_floats({**score_metrics, **train_metrics})
+            new_tokens = float(np.asarray(r.lengths_B).sum())
+            kl_ctl = kl_ctl.update(values["rollout/kl"], cfg.rollout_prompts)
+            values.update({"kl/coef": float(kl_ctl.value), "perf/gen_tokens_per_s": new_tokens / t_gen,
+                           "perf/iteration_s": time.perf_counter() - t0})
+            responses = workflow.decode_responses(tokenizer, r)
+            if cfg.data.path is None:
+                values["rollout/gold"] = float(np.mean(workflow.gold_eval(texts, responses)))
+            logger.log(it, values, print_keys=("rollout/score", "rollout/gold", "rollout/kl", "ppo/clipfrac",
+                                               "vf/explained_variance", "rollout/response_length", "kl/coef"))
+            if cfg.samples_every and (it % cfg.samples_every == 0 or it == 1):
+                table = "\n".join(f"| {p.splitlines()[0][10:]} | {s} |" for p, s in zip(texts[:4], responses[:4]))
+                samples_md.write(f"\n## iteration {it}\n\n| prompt | response |\n|---|---|\n{table}\n")
+                samples_md.flush()
+                logger.text(it, "samples", table)
+            if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iterations):
+                last_eval = evaluate(state)
+                if last_eval:
+                    logger.log(it, last_eval)
+            if it % cfg.run.save_every == 0 or it == cfg.iterations:
+                checkpoint.save(manager, it, state, rng=key, config=workflow._jsonable(cfg), force=True,
+                                data_state={"prompts": prompts_it.get_state(), "kl_coef": float(kl_ctl.value)})
+    manager.wait_until_finished()
+    manager.close()
+    workflow.export_lm(out / "hf", model_cfg, state.params["policy"], tokenizer)
+    return {"hf": str(out / "hf"), **last_eval}
+
+
+# %%
+if __name__ == "__main__":
+    main(tyro.cli(PPOConfig))

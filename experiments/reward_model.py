@@ -1,0 +1,107 @@
+"""Reward model: the SFT backbone with a scalar head, trained with the pairwise Bradley–Terry loss
+on annotator comparisons, then normalised so that SFT samples score mean 0, std 1.
+
+    python experiments/reward_model.py                      # after experiments/sft.py (reads runs/default/sft/hf)
+    python experiments/reward_model.py --model.path runs/qwen/sft/hf --data.path hh-rlhf/train.jsonl.gz \
+        --data.layout hh_rlhf --data.eval-path hh-rlhf/test.jsonl.gz --run.out runs/qwen
+
+Writes <run.out>/rm/: hf/ (backbone + reward_head.safetensors), metrics, checkpoints, eval.json
+(held-out accuracy and, with the simulated annotator, its agreement ceiling).
+"""
+# %%
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+
+import jax
+import numpy as np
+import tyro
+
+from rlhf_jax import advantages, losses, models, steps, workflow
+from rlhf_jax.configs import OptimizerConfig
+from rlhf_jax.data import BatchIterator, collate_pairs, encode, simulated
+from rlhf_jax.train_state import make_optimizer, place_train_state, shardings_of
+
+LOSSES = {"bt": losses.pairwise_reward_loss,
+          "bt_margin": losses.pairwise_reward_loss,  # uses the rows' margin field (Llama 2)
+          "bt_centered": functools.partial(losses.pairwise_reward_loss, center_coef=0.01)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    model: workflow.ModelArgs = workflow.ModelArgs()
+    """Backbone to start from (default: <run.out>/sft/hf)."""
+    data: workflow.DataArgs = workflow.DataArgs(num_train=6144, num_eval=1024, seed=1)
+    run: workflow.RunArgs = workflow.RunArgs()
+    optim: OptimizerConfig = OptimizerConfig(learning_rate=3e-4, warmup_steps=20, total_steps=400, weight_decay=0.01)
+    sample: workflow.SampleArgs = workflow.SampleArgs()
+    steps: int = 400
+    batch_size: int = 32
+    max_len: int = 96
+    loss: str = "bt"
+    """Loss variant: one of bt, bt_margin, bt_centered."""
+    eval_every: int = 200
+    normalize_samples: int = 256
+    """SFT samples that set the reward gain and bias (mean 0, std 1); 0 disables normalisation."""
+
+
+def main(cfg: RewardConfig) -> dict:
+    mesh, rules = workflow.setup(cfg.run)
+    sft_path = cfg.model.path or str(pathlib.Path(cfg.run.out) / "sft" / "hf")
+    if not pathlib.Path(sft_path).exists():
+        raise FileNotFoundError(f"no backbone at {sft_path}: run experiments/sft.py first or pass --model.path")
+    model_cfg, backbone, tokenizer = workflow.load_lm(dataclasses.replace(cfg.model, path=sft_path))
+    d = model_cfg.d_model
+    params = {"backbone": backbone, "head": models.init_scalar_head(model_cfg, jax.random.key(cfg.run.seed),
+                                                                   init_scale=1.0 / np.sqrt(d + 1))}
+    axes = {"backbone": models.param_logical_axes(model_cfg), "head": models.scalar_head_logical_axes()}
+    train_rows = workflow.rows_from(cfg.data, "pairwise", "train", simulated.pairwise_rows)
+    eval_rows = workflow.rows_from(cfg.data, "pairwise", "eval", simulated.pairwise_rows)
+    collate = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id, length=cfg.max_len)
+    batches = BatchIterator(encode(train_rows, tokenizer, max_len=cfg.max_len), collate,
+                            batch_size=cfg.batch_size, seed=cfg.run.seed)
+
+    optimizer = make_optimizer(dataclasses.replace(cfg.optim, total_steps=cfg.steps))
+    state = place_train_state(params, optimizer, mesh, rules, axes)
+    del params, backbone
+    state_sh = shardings_of(state)
+    train_step = steps.make_reward_step(model_cfg, optimizer, state_sh, mesh, rules, loss_fn=LOSSES[cfg.loss])
+    eval_step = steps.make_eval_step(functools.partial(steps.reward_objective, model_cfg=model_cfg), state_sh, mesh, rules)
+
+    def evaluate(state):
+        if not eval_rows:
+            return {}
+        it = BatchIterator(encode(eval_rows, tokenizer, max_len=cfg.max_len), collate, batch_size=cfg.batch_size,
+                           seed=0, shuffle=False, last_batch="pad", num_epochs=1)
+        return workflow.evaluate_batches(eval_step, state, it, mesh, rules)
+
+    state, last_eval = workflow.train_loop(stage="rm", run=cfg.run, state=state, step_fn=train_step, batches=batches,
+                                           num_steps=cfg.steps, mesh=mesh, rules=rules, config=cfg, eval_fn=evaluate,
+                                           eval_every=cfg.eval_every, print_keys=("rm/loss", "rm/accuracy"))
+    rm_params = state.params
+    result = {"accuracy": last_eval.get("eval/rm/accuracy"), "eval": last_eval}
+    if cfg.data.path is None and eval_rows:
+        annotator = simulated.Annotator(cfg.data.seed)
+        result["agreement_ceiling"] = annotator.agreement_ceiling(
+            [r.prompt for r in eval_rows], [(r.chosen, r.rejected) for r in eval_rows])
+    if cfg.normalize_samples:  # lm-human-preferences: SFT samples score mean 0, std 1
+        prompts = [r.prompt for r in train_rows][:cfg.normalize_samples]
+        _, rollouts = workflow.sample(model_cfg, rm_params["backbone"], tokenizer, prompts,
+                                      key=jax.random.key(cfg.run.seed + 7), sample_args=cfg.sample)
+        scores = workflow.rm_scores(model_cfg, rm_params, rollouts)[:len(prompts)]
+        gain, bias = (float(x) for x in advantages.reward_gain_bias(scores, target_mean=0.0, target_std=1.0))
+        rm_params = {**rm_params, "head": workflow.fold_normalization(rm_params["head"], gain, bias)}
+        result.update(raw_score_mean=float(scores.mean()), raw_score_std=float(scores.std()), gain=gain, bias=bias)
+    out = workflow.stage_dir(cfg.run, "rm")
+    workflow.save_reward_model(out / "hf", model_cfg, rm_params, tokenizer)
+    result["hf"] = str(out / "hf")
+    workflow.write_json(out / "eval.json", result)
+    print(f"[rm] held-out accuracy {result['accuracy']}, ceiling {result.get('agreement_ceiling')}", flush=True)
+    return result
+
+
+# %%
+if __name__ == "__main__":
+    main(tyro.cli(RewardConfig))

@@ -1,0 +1,437 @@
+"""Plumbing the experiment scripts share: where models and data come from, the train loop with
+checkpoint/resume, sampling, and gold-score evaluation.
+
+Scripts stay short by composing these; everything here is also usable from a notebook.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from tqdm.auto import tqdm
+
+from rlhf_jax import checkpoint, models, rollout, sharding
+from rlhf_jax.configs import CheckpointConfig, MeshConfig
+from rlhf_jax.data import (BatchIterator, PromptRow, ValidationReport, collate_prompts, encode_prompts, load_source,
+                           parse_row)
+from rlhf_jax.logging import MetricsLogger
+from rlhf_jax.metrics import Metrics, merge, to_floats
+from rlhf_jax.train_state import TrainState
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# --- Configs shared by the scripts ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArgs:
+    """Which language model to start from."""
+
+    path: str | None = None
+    """Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files). None: the
+    embedded default, a tiny Llama initialised at random (for SFT) with the embedded tokenizer."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Activation dtype (log-probs and losses are always float32)."""
+    remat: bool = False
+    """Rematerialise each layer in the backward pass (less memory, more compute)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataArgs:
+    """Where training data comes from."""
+
+    path: str | None = None
+    """A .jsonl/.parquet file, or "tfds:NAME" (with --data.data-dir). None: the simulated annotator."""
+    eval_path: str | None = None
+    """Held-out file / "tfds:NAME" (default: the simulated held-out split, or none for a user file)."""
+    data_dir: str | None = None
+    """TFDS data directory for "tfds:" names."""
+    layout: Literal["canonical", "auto", "hh_rlhf", "tldr", "trl"] = "auto"
+    """File layout: ours ("canonical") or a public one (HH-RLHF, TL;DR comparisons, TRL/UltraFeedback)."""
+    skip_invalid: bool = False
+    """Skip malformed rows (counted and reported) instead of stopping at the first one."""
+    num_train: int = 4096
+    """Simulated rows to generate for training (embedded default only)."""
+    num_eval: int = 512
+    """Simulated held-out rows (embedded default only)."""
+    seed: int = 0
+    """Seed of the simulated data."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunArgs:
+    """Output folder, mesh, checkpointing, logging."""
+
+    out: str = "runs/default"
+    """Run folder: each stage writes <out>/<stage>/ (TensorBoard events, metrics.jsonl, checkpoints, hf/)."""
+    mesh: MeshConfig = MeshConfig()
+    """Device mesh; the default puts every device on the data axis."""
+    rules: Literal["default", "fsdp", "data_parallel"] = "default"
+    """Logical-axis rule table (see rlhf_jax.sharding)."""
+    save_every: int = 200
+    """Checkpoint interval in steps (the last step is always saved)."""
+    resume: bool = False
+    """Continue from the newest checkpoint of this stage if there is one."""
+    log_every: int = 20
+    """Steps between logged lines."""
+    seed: int = 0
+    """Seed of parameter init, shuffling and sampling."""
+    compile_cache: str | None = None
+    """Persistent XLA compilation cache folder (default ~/.cache/rlhf_jax/jax_compile)."""
+    distributed: bool = False
+    """Call jax.distributed.initialize (multi-host; coordinator from JAX_COORDINATOR_ADDRESS etc.)."""
+
+
+RULE_TABLES = {"default": sharding.DEFAULT_RULES, "fsdp": sharding.FSDP_RULES,
+               "data_parallel": sharding.DATA_PARALLEL_RULES}
+
+
+def stage_dir(run: RunArgs, stage: str) -> pathlib.Path:
+    path = pathlib.Path(run.out) / stage
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def setup(run: RunArgs) -> tuple[jax.sharding.Mesh, sharding.Rules]:
+    """Compile cache, optional multi-host init, mesh and rule table."""
+    from rlhf_jax import runtime
+
+    if run.distributed:
+        sharding.initialize_distributed()
+    runtime.setup(run.compile_cache)
+    return sharding.make_mesh(run.mesh), RULE_TABLES[run.rules]
+
+
+# --- Models and tokenizers --------------------------------------------------------------------
+
+
+def embedded_model_dir() -> pathlib.Path:
+    """The embedded default's tokenizer + tiny Llama config (built once, cached)."""
+    from rlhf_jax.data import embedded
+
+    return embedded.embedded_dir()
+
+
+def load_lm(args: ModelArgs, key: jax.Array | None = None) -> tuple[models.ModelConfig, Any, Any]:
+    """``(cfg, params, tokenizer)`` from ``args.path``, or a randomly initialised embedded model."""
+    overrides = dict(compute_dtype=DTYPES[args.compute_dtype], remat=args.remat)
+    if args.path is None:
+        path = embedded_model_dir()
+        cfg = models.ModelConfig.from_hf_config(json.loads((path / "config.json").read_text()))
+        cfg = dataclasses.replace(cfg, **overrides)
+        params = models.init_params(cfg, key if key is not None else jax.random.key(0), dtype=DTYPES[args.dtype])
+    else:
+        path = pathlib.Path(args.path)
+        cfg, params = models.load_pretrained(path, dtype=DTYPES[args.dtype])
+        cfg = dataclasses.replace(cfg, **overrides)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    models.check_tokenizer(cfg, tokenizer, source=str(path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return cfg, params, tokenizer
+
+
+def eos_ids(cfg: models.ModelConfig, tokenizer: Any) -> tuple[int, ...]:
+    ids = set(cfg.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(ids))
+
+
+def export_lm(path: pathlib.Path, cfg: models.ModelConfig, params: Any, tokenizer: Any) -> pathlib.Path:
+    """The policy in Hugging Face layout (weights + config + tokenizer): loads in transformers."""
+    checkpoint.export_hf(path, cfg, params)
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(str(path))
+    return path
+
+
+# --- Data ---------------------------------------------------------------------------------------
+
+
+def rows_from(data: DataArgs, kind: str, split: Literal["train", "eval"], simulated: Callable[[int, int, str], list[dict]]
+              ) -> list:
+    """Rows of ``kind``: from the user's file / TFDS name, or from the simulated annotator."""
+    if data.path is None:
+        n = data.num_train if split == "train" else data.num_eval
+        records = simulated(n, data.seed, "train" if split == "train" else "eval")
+        return [parse_row(r, kind, source=f"<simulated {split}>:{i + 1}") for i, r in enumerate(records)]
+    spec = data.path if split == "train" else data.eval_path
+    if spec is None:
+        return []
+    report = ValidationReport()
+    rows = load_source(spec, kind, data_dir=data.data_dir, layout=data.layout, skip_invalid=data.skip_invalid,
+                       report=report, split="train")
+    if report.skipped:
+        print(report.summary(), flush=True)
+    return rows
+
+
+def prompt_texts(rows: Sequence[Any]) -> list[str]:
+    return [r.prompt for r in rows]
+
+
+# --- The train loop -------------------------------------------------------------------------------
+
+
+def abstract_of(state: TrainState) -> TrainState:
+    """Shapes, dtypes and shardings of a live state: the restore target for a checkpoint."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def train_loop(*, stage: str, run: RunArgs, state: TrainState, step_fn: Callable, batches: BatchIterator,
+               num_steps: int, mesh, rules, config: Any, eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
+               eval_every: int = 0, print_keys: tuple[str, ...] | None = None) -> tuple[TrainState, dict[str, float]]:
+    """Run ``step_fn(state, batch)`` for ``num_steps`` steps with logging, checkpoints and resume.
+
+    Metrics are accumulated as (total, count) between log lines, so logged means are exact. The
+    newest checkpoint holds the state, the iterator position and the config; with ``run.resume`` the
+    loop restarts from it and yields exactly the batches the uninterrupted run would have.
+    Returns the final state and the last evaluation.
+    """
+    out = stage_dir(run, stage)
+    manager = checkpoint.make_checkpoint_manager(CheckpointConfig(directory=str(out / "checkpoints"),
+                                                                  save_every=run.save_every, async_save=False))
+    rng = jax.random.key(run.seed)
+    start = 0
+    if run.resume and manager.latest_step() is not None:
+        restored = checkpoint.restore(manager, abstract_of(state))
+        state, start = restored.state, restored.step
+        batches.set_state(restored.data_state)
+        print(f"[{stage}] resumed from step {start} ({out / 'checkpoints'})", flush=True)
+    last_eval: dict[str, float] = {}
+    pending: Metrics = {}
+    t0, tokens = time.perf_counter(), 0
+    with MetricsLogger(out, stage=stage) as logger:
+        for step in tqdm(range(start + 1, num_steps + 1), desc=stage, initial=start, total=num_steps,
+                         disable=jax.process_index() != 0, leave=False):
+            host_batch = next(batches)
+            tokens += int(np.asarray(jax.tree.leaves(host_batch)[0]).size)
+            state, metrics = step_fn(state, sharding.shard_batch(host_batch, mesh, rules))
+            pending = merge(pending, metrics)
+            if step % run.log_every == 0 or step == num_steps:
+                values = to_floats(pending)
+                values["perf/tokens_per_s"] = tokens / (time.perf_counter() - t0)
+                logger.log(step, values, print_keys=print_keys)
+                pending, t0, tokens = {}, time.perf_counter(), 0
+            if eval_fn is not None and eval_every and (step % eval_every == 0 or step == num_steps):
+                last_eval = eval_fn(state)
+                logger.log(step, last_eval)
+            if step % run.save_every == 0 or step == num_steps:
+                checkpoint.save(manager, step, state, rng=rng, data_state=batches.get_state(),
+                                config=_jsonable(config), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return state, last_eval
+
+
+def _jsonable(config: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+                                 default=str))
+
+
+def evaluate_batches(eval_step: Callable, state: TrainState, batches: Iterator, mesh, rules) -> dict[str, float]:
+    """Exact means of ``eval_step``'s metrics over every batch of a finite iterator."""
+    total: Metrics = {}
+    for host_batch in batches:
+        total = merge(total, eval_step(state, sharding.shard_batch(host_batch, mesh, rules)))
+    return {f"eval/{k}": v for k, v in to_floats(total).items()}
+
+
+# --- Sampling and evaluation ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleArgs:
+    """How responses are sampled (rollouts, evaluation, best-of-n)."""
+
+    max_prompt_len: int = 32
+    """Prompts are left-padded (or left-truncated, counted) to this many tokens."""
+    max_new_tokens: int = 48
+    """Response length limit."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy)."""
+    top_k: int | None = None
+    """Keep the k most likely tokens (None = off)."""
+    top_p: float | None = None
+    """Nucleus sampling threshold (None = off)."""
+    batch_size: int = 64
+    """Prompts per generate call."""
+
+
+def prompt_batches(prompts: Sequence[str], tokenizer: Any, sample: SampleArgs) -> list[Any]:
+    """Left-padded PromptBatches of exactly ``sample.batch_size`` rows (the last one padded with empty rows)."""
+    report = ValidationReport()
+    encoded = encode_prompts([PromptRow(prompt=p) for p in prompts], tokenizer, max_len=sample.max_prompt_len,
+                             report=report)
+    batches = []
+    for i in range(0, len(encoded), sample.batch_size):
+        chunk: list[Any] = list(encoded[i:i + sample.batch_size])
+        chunk += [None] * (sample.batch_size - len(chunk))
+        batches.append(collate_prompts(chunk, pad_id=tokenizer.pad_token_id, length=sample.max_prompt_len))
+    return batches
+
+
+def _fill_empty_prompts(batch: Any, pad_id: int) -> Any:
+    """Rows that only pad the last batch get a one-token prompt so generation is well defined."""
+    mask = np.array(batch.prompt_mask_BP)
+    ids = np.array(batch.prompt_ids_BP)
+    empty = mask.sum(-1) == 0
+    mask[empty, -1] = 1
+    ids[empty, -1] = pad_id
+    return batch.replace(prompt_ids_BP=ids, prompt_mask_BP=mask), empty
+
+
+def sample(cfg: models.ModelConfig, params: Any, tokenizer: Any, prompts: Sequence[str], *, key: jax.Array,
+           sample_args: SampleArgs, num_samples: int = 1, mesh=None, rules=None) -> tuple[list[list[str]], list[rollout.Rollout]]:
+    """``num_samples`` responses per prompt (decoded text without EOS) and the raw rollouts."""
+    texts: list[list[str]] = []
+    rollouts = []
+    eos = eos_ids(cfg, tokenizer)
+    for i, batch in enumerate(prompt_batches(prompts, tokenizer, sample_args)):
+        batch, empty = _fill_empty_prompts(batch, tokenizer.pad_token_id)
+        ids, mask = batch.prompt_ids_BP, batch.prompt_mask_BP
+        if mesh is not None:
+            ids, mask = sharding.shard_batch((ids, mask), mesh, rules)
+        r = rollout.generate(cfg, params, ids, mask, key=jax.random.fold_in(key, i),
+                             max_new_tokens=sample_args.max_new_tokens, temperature=sample_args.temperature,
+                             top_k=sample_args.top_k, top_p=sample_args.top_p, eos_ids=eos,
+                             pad_id=tokenizer.pad_token_id, num_samples=num_samples)
+        rollouts.append(r)
+        decoded = decode_responses(tokenizer, r)
+        for b in range(len(empty)):
+            if not empty[b]:
+                texts.append(decoded[b * num_samples:(b + 1) * num_samples])
+    return texts[:len(prompts)], rollouts
+
+
+def decode_responses(tokenizer: Any, r: rollout.Rollout) -> list[str]:
+    """Response text of every row, up to (not including) EOS."""
+    ids_BR = np.asarray(jax.device_get(r.response_ids_BR))
+    mask_BR = np.asarray(jax.device_get(r.response_mask_BR)) > 0
+    has_eos = np.asarray(jax.device_get(r.has_eos_B))
+    out = []
+    for ids, m, eos in zip(ids_BR, mask_BR, has_eos):
+        n = int(m.sum()) - int(bool(eos))
+        out.append(tokenizer.decode(ids[:n].tolist(), skip_special_tokens=True))
+    return out
+
+
+def win_rate(scores_a: np.ndarray, scores_b: np.ndarray) -> float:
+    """P(a > b) + ½ P(a = b) over paired samples (the gold judge's preference rate for a)."""
+    a, b = np.asarray(scores_a), np.asarray(scores_b)
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+@jax.jit
+def _sequence_kl(policy_logps_BT: jax.Array, ref_logps_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    return jnp.sum((policy_logps_BT - ref_logps_BT) * mask_BT, axis=-1)
+
+
+def kl_to_reference(cfg: models.ModelConfig, params: Any, ref_params: Any, rollouts: Sequence[rollout.Rollout]
+                    ) -> np.ndarray:
+    """Monte-Carlo KL(π ‖ π_ref) per sampled sequence: Σ_t log π(y_t) − log π_ref(y_t) (k1, unbiased
+    for the sequence KL when the samples come from π at temperature 1)."""
+    from rlhf_jax import steps
+
+    logps = jax.jit(steps.token_logps, static_argnums=0)
+    out = []
+    for r in rollouts:
+        mask_BT = jnp.pad(r.response_mask_BT[:, 1:], ((0, 0), (0, 1)))
+        out.append(np.asarray(_sequence_kl(logps(cfg, params, r.sequences_BT, r.attention_mask_BT),
+                                           logps(cfg, ref_params, r.sequences_BT, r.attention_mask_BT), mask_BT)))
+    return np.concatenate(out)
+
+
+def gold_eval(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    """Gold scores from the simulated annotator's scorer (embedded default only)."""
+    from rlhf_jax.data.simulated import gold_scores
+
+    return gold_scores(list(prompts), list(responses))
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def mean_std(x: np.ndarray) -> tuple[float, float]:
+    x = np.asarray(x, np.float64)
+    return float(x.mean()), float(x.std() / math.sqrt(max(len(x), 1)))
+
+
+# --- Reward models on disk ------------------------------------------------------------------------
+
+REWARD_HEAD_FILE = "reward_head.safetensors"
+
+
+def save_reward_model(path: pathlib.Path, cfg: models.ModelConfig, rm_params: Any, tokenizer: Any) -> pathlib.Path:
+    """Backbone in Hugging Face layout plus ``reward_head.safetensors`` (kernel (D,), bias ())."""
+    from safetensors.numpy import save_file
+
+    export_lm(path, cfg, rm_params["backbone"], tokenizer)
+    head = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), rm_params["head"])
+    if jax.process_index() == 0:
+        save_file({"kernel": head["kernel"], "bias": np.reshape(head["bias"], (1,))}, str(path / REWARD_HEAD_FILE))
+    return path
+
+
+def load_reward_model(path: str | os.PathLike, args: ModelArgs = ModelArgs()) -> tuple[models.ModelConfig, Any, Any]:
+    """``(cfg, {"backbone", "head"}, tokenizer)`` written by :func:`save_reward_model`."""
+    from safetensors.numpy import load_file
+
+    path = pathlib.Path(path)
+    head_file = path / REWARD_HEAD_FILE
+    if not head_file.exists():
+        raise FileNotFoundError(f"{path} has no {REWARD_HEAD_FILE}: not a reward model written by experiments/reward_model.py")
+    cfg, backbone, tokenizer = load_lm(dataclasses.replace(args, path=str(path)))
+    head = load_file(str(head_file))
+    return cfg, {"backbone": backbone, "head": {"kernel": jnp.asarray(head["kernel"]),
+                                                "bias": jnp.asarray(head["bias"][0])}}, tokenizer
+
+
+def fold_normalization(head: Any, gain: float, bias: float) -> Any:
+    """Head whose scores are ``gain · score + bias`` (lm-human-preferences' reward gain and bias)."""
+    return {"kernel": head["kernel"] * gain, "bias": head["bias"] * gain + bias}
+
+
+def rm_scores(cfg: models.ModelConfig, rm_params: Any, rollouts: Sequence[rollout.Rollout]) -> np.ndarray:
+    """Reward-model score of every sampled sequence (last real token)."""
+    from rlhf_jax import steps
+
+    score = jax.jit(steps.reward_scores, static_argnums=0)
+    return np.concatenate([np.asarray(score(cfg, rm_params, r.sequences_BT, r.attention_mask_BT)) for r in rollouts])
+
+
+
+# --- Policy evaluation against the reference (embedded default: judged by the gold scorer) ---------
+
+
+def evaluate_policy(cfg: models.ModelConfig, params: Any, ref_params: Any, tokenizer: Any, prompts: Sequence[str], *,
+                    seed: int, sample_args: SampleArgs, mesh=None, rules=None) -> dict[str, Any]:
+    """Sample the policy and the reference on the same held-out prompts (fixed keys, so every method
+    is compared with the same reference samples); report gold score, gold win rate against the
+    reference, and the Monte-Carlo KL(π ‖ π_ref) per sequence."""
+    texts, rollouts = sample(cfg, params, tokenizer, prompts, key=jax.random.key(seed), sample_args=sample_args,
+                             mesh=mesh, rules=rules)
+    ref_texts, _ = sample(cfg, ref_params, tokenizer, prompts, key=jax.random.key(seed + 1), sample_args=sample_args,
+                          mesh=mesh, rules=rules)
+    responses, ref_responses = [t[0] for t in texts], [t[0] for t in ref_texts]
+    kl = kl_to_reference(cfg, params, ref_params, rollouts)[:len(prompts)]
+    gold, ref_gold = gold_eval(prompts, responses), gold_eval(prompts, ref_responses)
+    return {"gold": float(gold.mean()), "ref_gold": float(ref_gold.mean()), "win_rate": win_rate(gold, ref_gold),
+            "kl": float(kl.mean()), "response_words": float(np.mean([len(r.split()) for r in responses])),
+            "samples": [{"prompt": p, "response": r, "gold": float(g), "reference": rr, "ref_gold": float(rg)}
+                        for p, r, g, rr, rg in list(zip(prompts, responses, gold, ref_responses, ref_gold))[:8]]}
