@@ -63,7 +63,7 @@ def main(cfg: RewardConfig) -> dict:
     batches = BatchIterator(encode(train_rows, tokenizer, max_len=cfg.max_len), collate,
                             batch_size=cfg.batch_size, seed=cfg.run.seed)
 
-    optimizer = make_optimizer(dataclasses.replace(cfg.optim, total_steps=cfg.steps))
+    optimizer = make_optimizer(workflow.optimizer_for(cfg.optim, cfg.steps))
     state = place_train_state(params, optimizer, mesh, rules, axes)
     del params, backbone
     state_sh = shardings_of(state)

@@ -56,7 +56,7 @@ def main(cfg: SFTConfig) -> dict:
     collate = functools.partial(collate_sft, pad_id=tokenizer.pad_token_id, length=cfg.max_len)
     batches = BatchIterator(examples, collate, batch_size=cfg.batch_size, seed=cfg.run.seed)
 
-    optimizer = make_optimizer(dataclasses.replace(cfg.optim, total_steps=cfg.steps))
+    optimizer = make_optimizer(workflow.optimizer_for(cfg.optim, cfg.steps))
     axes = models.param_logical_axes(model_cfg)
     if cfg.model.path is None:  # from scratch: initialise directly into the shards
         state = create_train_state(lambda: models.init_params(model_cfg, jax.random.key(cfg.run.seed)),

@@ -20,7 +20,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from rlhf_jax import checkpoint, models, rollout, sharding
-from rlhf_jax.configs import CheckpointConfig, MeshConfig
+from rlhf_jax.configs import CheckpointConfig, MeshConfig, OptimizerConfig
 from rlhf_jax.data import (BatchIterator, PromptRow, ValidationReport, collate_prompts, encode_prompts, load_source,
                            parse_row)
 from rlhf_jax.logging import MetricsLogger
@@ -96,6 +96,11 @@ class RunArgs:
 
 RULE_TABLES = {"default": sharding.DEFAULT_RULES, "fsdp": sharding.FSDP_RULES,
                "data_parallel": sharding.DATA_PARALLEL_RULES}
+
+
+def optimizer_for(optim: OptimizerConfig, steps: int) -> OptimizerConfig:
+    """``optim`` with its schedule fitted to a run of ``steps`` updates (warmup capped below ``steps``)."""
+    return dataclasses.replace(optim, total_steps=steps, warmup_steps=min(optim.warmup_steps, steps - 1))
 
 
 def stage_dir(run: RunArgs, stage: str) -> pathlib.Path:
