@@ -15,6 +15,8 @@ from rlhf_jax.configs import MeshConfig
 
 # ----------------------------------------------------------------------------- filters vs NumPy loops
 
+top_p_filter = jax.jit(rollout.top_p_filter)  # p traced: one compilation per shape
+
 
 def ref_top_k(logits_BV: np.ndarray, k: int) -> np.ndarray:
     """Sort each row; every logit below the k-th largest becomes -inf."""
@@ -67,7 +69,7 @@ def test_top_p_matches_numpy_reference(ties):
     rng = np.random.default_rng(1)
     for p in [1e-6, 0.1, 0.5, 0.9, 0.99, *rng.uniform(0.05, 0.95, size=5)]:
         logits = _random_logits(rng, (6, 32), ties=ties)
-        got = np.asarray(rollout.top_p_filter(jnp.asarray(logits), float(p)))
+        got = np.asarray(top_p_filter(jnp.asarray(logits), float(p)))
         np.testing.assert_array_equal(got, ref_top_p(logits, p))
         assert (np.isfinite(got).sum(axis=1) >= 1).all()
 
@@ -75,16 +77,16 @@ def test_top_p_matches_numpy_reference(ties):
 def test_top_p_edge_cases():
     # probabilities 0.4, 0.3, 0.2, 0.1 (and a -inf token that is never kept)
     logits = np.array([[np.log(0.1), np.log(0.4), np.log(0.2), np.log(0.3), -np.inf]], np.float32)
-    kept = lambda p: np.isfinite(np.asarray(rollout.top_p_filter(jnp.asarray(logits), p)))[0].tolist()
+    kept = lambda p: np.isfinite(np.asarray(top_p_filter(jnp.asarray(logits), p)))[0].tolist()
     assert kept(1e-9) == [False, True, False, False, False]  # always at least the top token
     assert kept(0.4 - 1e-4) == [False, True, False, False, False]
     assert kept(0.4 + 1e-4) == [False, True, False, True, False]  # smallest set reaching p
     assert kept(0.9 + 1e-4) == [True, True, True, True, False]
     # a tie at the boundary keeps every tied token, whatever the sort order
     tied = np.log(np.array([[0.2, 0.4, 0.2, 0.2]], np.float32))
-    assert np.isfinite(np.asarray(rollout.top_p_filter(jnp.asarray(tied), 0.5))).all()
+    assert np.isfinite(np.asarray(top_p_filter(jnp.asarray(tied), 0.5))).all()
     # uniform row: everything is tied with the top token
-    assert np.isfinite(np.asarray(rollout.top_p_filter(jnp.zeros((1, 7)), 1e-6))).all()
+    assert np.isfinite(np.asarray(top_p_filter(jnp.zeros((1, 7)), 1e-6))).all()
     # p = 1 and k >= V switch the filters off
     rng = np.random.default_rng(2)
     x = _random_logits(rng, (3, 32), ties=False)
