@@ -107,6 +107,10 @@ def test_inconsistent_answer_files_are_errors_naming_file_and_line(tmp_path):
         run(out, "", seed=1)
     with pytest.raises(ValueError, match=f"{out}:1:prompt: differs from prompt 0"):
         collect(list(reversed(PROMPTS)), out, pair, stdin=io.StringIO(""), stdout=io.StringIO())
+    out.write_text("\n".join(good + good[:1]) + "\n")
+    with pytest.raises(ValueError, match=f"{out}:3:meta.prompt_index: prompt 0 is also answered at {out}:1"):
+        run(out, "")
+    out.write_text("\n".join(good) + "\n")
     undecided_path(out).write_text(json.dumps({**json.loads(good[1]), "meta": {"prompt_index": 1, "choice": "tie", "seed": 0}}) + "\n")
     with pytest.raises(ValueError, match="undecided.jsonl:1:meta.prompt_index: prompt 1 is also answered at .*answers.jsonl:2"):
         run(out, "")

@@ -102,14 +102,17 @@ def _recorded(path: pathlib.Path, prompts: Sequence[str], seed: int) -> dict[int
         if row.get("prompt") != prompts[index]:
             raise ValueError(f"{source}:prompt: differs from prompt {index} of the prompts file; "
                              "was the prompts file changed? (write answers for new prompts to a new file)")
+        if index in answered:
+            raise ValueError(f"{source}:meta.prompt_index: prompt {index} is also answered at {answered[index]}")
         answered[index] = source
     return answered
 
 
 def _answered(out: pathlib.Path, prompts: Sequence[str], seed: int) -> set[int]:
     decided, undecided = _recorded(out, prompts, seed), _recorded(undecided_path(out), prompts, seed)
-    for index in decided.keys() & undecided.keys():
-        raise ValueError(f"{undecided[index]}:meta.prompt_index: prompt {index} is also answered at {decided[index]}")
+    both = sorted(decided.keys() & undecided.keys())
+    if both:
+        raise ValueError(f"{undecided[both[0]]}:meta.prompt_index: prompt {both[0]} is also answered at {decided[both[0]]}")
     return decided.keys() | undecided.keys()
 
 
