@@ -152,11 +152,9 @@ def main(cfg: PPOConfig) -> dict:
     def evaluate(state) -> dict:
         if cfg.data.path is not None or not eval_prompts:
             return {}
-        ev = workflow.evaluate_policy(model_cfg, state.params["policy"], state.frozen["reference"], tokenizer,
-                                      eval_prompts, seed=cfg.run.seed + 1000, sample_args=cfg.sample, mesh=mesh,
-                                      rules=rules)
-        workflow.write_json(out / "eval.json", ev)
-        return {f"eval/{k}": v for k, v in ev.items() if k != "samples"}
+        return workflow.evaluate_policy(model_cfg, state.params["policy"], state.frozen["reference"], tokenizer,
+                                        eval_prompts, seed=cfg.run.seed + 1000, sample_args=cfg.sample, mesh=mesh,
+                                        rules=rules)
 
     key = jax.random.key(cfg.run.seed)
     last_eval: dict = {}
@@ -188,14 +186,16 @@ def main(cfg: PPOConfig) -> dict:
             if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iterations):
                 last_eval = evaluate(state)
                 if last_eval:
-                    logger.log(it, last_eval)
+                    logger.log(it, {f"eval/{k}": v for k, v in last_eval.items() if k != "samples"})
             if it % cfg.run.save_every == 0 or it == cfg.iterations:
                 checkpoint.save(manager, it, state, rng=key, config=workflow._jsonable(cfg), force=True,
                                 data_state={"prompts": prompts_it.get_state(), "kl_coef": float(kl_ctl.value)})
     manager.wait_until_finished()
     manager.close()
     workflow.export_lm(out / "hf", model_cfg, state.params["policy"], tokenizer)
-    return {"hf": str(out / "hf"), **last_eval}
+    result = {"hf": str(out / "hf"), **last_eval}
+    workflow.write_json(out / "eval.json", result)  # written last: its presence marks the stage as finished
+    return result
 
 
 # %%
