@@ -1,0 +1,187 @@
+"""Steps on meshes: the same losses and gradients on 1 device, 8-way data, 2x4 data x tensor and 8-way
+FSDP; jit-once and donation; PPO's first-step invariants on a 2x4 mesh."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import losses, models, rollout
+from rlhf_jax.configs import MeshConfig, OptimizerConfig
+from rlhf_jax.metrics import to_floats
+from rlhf_jax.sharding import DEFAULT_RULES, logical_to_sharding, make_mesh, replicated, shard_batch
+from rlhf_jax.steps import (dpo_objective, make_dpo_step, make_eval_step, make_ppo_score_step, make_ppo_step,
+                            make_sft_step, ppo_objective, reward_objective, sft_objective)
+from rlhf_jax.train_state import create_train_state, make_optimizer, shardings_of
+
+from mesh_case import pair_batch, sft_batch, tiny_model_config
+
+CFG = tiny_model_config()
+AXES = models.param_logical_axes(CFG)
+HEAD_AXES = models.scalar_head_logical_axes()
+MESHES = {
+    "1-device": lambda: make_mesh(MeshConfig(data=1), jax.devices()[:1]),
+    "data-8": lambda: make_mesh(MeshConfig(data=8)),
+    "data-2-tensor-4": lambda: make_mesh(MeshConfig(data=2, tensor=4)),
+    "fsdp-8": lambda: make_mesh(MeshConfig(data=1, fsdp=8)),
+}
+
+
+def _lm(seed):
+    return models.init_params(CFG, jax.random.key(seed))
+
+
+CASES = {
+    # objective, params, params axes, frozen, frozen axes, batch
+    "sft": (functools.partial(sft_objective, model_cfg=CFG), lambda: _lm(0), AXES, dict, {}, lambda: sft_batch(1)),
+    "reward": (functools.partial(reward_objective, model_cfg=CFG),
+               lambda: {"backbone": _lm(0), "head": models.init_scalar_head(CFG, jax.random.key(1), 0.125)},
+               {"backbone": AXES, "head": HEAD_AXES}, dict, {}, lambda: pair_batch(2)),
+    "dpo": (functools.partial(dpo_objective, model_cfg=CFG, loss_fn=functools.partial(losses.dpo_loss, beta=0.5)),
+            lambda: _lm(0), AXES, lambda: _lm(3), AXES, lambda: pair_batch(4)),
+}
+
+
+@functools.cache
+def _loss_and_grads(case, mesh_name):
+    """Loss, metrics and gradients of one case on the named mesh.
+
+    One objective per program: XLA:CPU can deadlock when a single program runs several independent
+    collective streams on 8 simulated devices of an oversubscribed 2-core machine.
+    """
+    objective, params_fn, axes, frozen_fn, frozen_axes, batch_fn = CASES[case]
+    mesh = MESHES[mesh_name]()
+    params_sh = logical_to_sharding(axes, mesh, DEFAULT_RULES, jax.eval_shape(params_fn))
+    params = jax.device_put(params_fn(), params_sh)
+    frozen = jax.device_put(frozen_fn(), logical_to_sharding(frozen_axes, mesh, DEFAULT_RULES, jax.eval_shape(frozen_fn)))
+    batch = shard_batch(batch_fn(), mesh, DEFAULT_RULES)
+    fn = jax.jit(jax.value_and_grad(objective, has_aux=True), out_shardings=(replicated(mesh), params_sh))
+    (loss, metrics), grads = fn(params, frozen, batch)
+    return float(loss), to_floats(metrics), jax.device_get(grads)
+
+
+@pytest.mark.parametrize("mesh_name", ["data-8", "data-2-tensor-4", "fsdp-8"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_and_grads_match_one_device(case, mesh_name):
+    ref_loss, ref_metrics, ref_grads = _loss_and_grads(case, "1-device")
+    loss, metrics, grads = _loss_and_grads(case, mesh_name)
+    assert ref_loss > 0.1  # a real loss, not a degenerate zero
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for key, value in ref_metrics.items():
+        np.testing.assert_allclose(metrics[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
+    paths_ref, leaves_ref = zip(*jax.tree_util.tree_leaves_with_path(ref_grads))
+    assert max(float(np.max(np.abs(g))) for g in leaves_ref) > 1e-4  # gradients really flow
+    for path, g_ref, g in zip(paths_ref, leaves_ref, jax.tree.leaves(grads)):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_sft_step_is_compiled_once_donates_and_learns():
+    mesh = make_mesh(MeshConfig(data=2, tensor=4))
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=3e-3, total_steps=100))
+    state = create_train_state(lambda: _lm(0), optimizer, mesh, DEFAULT_RULES, AXES)
+    step = make_sft_step(CFG, optimizer, shardings_of(state), mesh, DEFAULT_RULES)
+    batch = shard_batch(sft_batch(5), mesh, DEFAULT_RULES)
+    losses_seen = []
+    for _ in range(4):
+        old = state
+        state, metrics = step(state, batch)
+        losses_seen.append(float(metrics["sft/loss"].mean()))
+        assert old.params["layers"]["mlp"]["up"]["kernel"].is_deleted()  # the state was donated
+    assert step._cache_size() == 1
+    assert int(state.step) == 4
+    assert losses_seen[-1] < losses_seen[0] - 0.05, losses_seen
+    assert state.params["layers"]["mlp"]["up"]["kernel"].sharding == shardings_of(state).params["layers"]["mlp"]["up"]["kernel"]
+
+
+def test_dpo_step_keeps_the_reference_frozen():
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=100))
+    state = create_train_state(lambda: _lm(0), optimizer, mesh, DEFAULT_RULES, AXES,
+                               frozen_init_fn=lambda: _lm(0), frozen_axes=AXES)
+    reference = jax.device_get(state.frozen)
+    step = make_dpo_step(CFG, optimizer, shardings_of(state), mesh, DEFAULT_RULES)
+    batch = shard_batch(pair_batch(6), mesh, DEFAULT_RULES)
+    state, first = step(state, batch)
+    np.testing.assert_allclose(float(first["dpo/loss"].mean()), np.log(2.0), rtol=1e-6)  # policy == reference
+    state, second = step(state, batch)
+    assert float(second["dpo/loss"].mean()) < np.log(2.0)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), reference)
+    assert jax.tree.structure(state.opt_state[1][0].mu) == jax.tree.structure(state.params)
+
+
+# --- PPO on a 2 x 4 (data x tensor) mesh ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ppo_setup():
+    mesh = make_mesh(MeshConfig(data=2, tensor=4))
+    prompts = np.random.default_rng(7).integers(1, 128, size=(4, 6), dtype=np.int32)
+    prompt_mask = np.ones_like(prompts)
+    prompt_mask[:2, :2] = 0  # two left-padded prompts
+    prompts = prompts * prompt_mask
+    policy = _lm(0)
+    sample = rollout.generate(CFG, policy, jnp.asarray(prompts), jnp.asarray(prompt_mask), key=jax.random.key(8),
+                              max_new_tokens=8, eos_ids=(3,), num_samples=2)
+    return mesh, jax.device_get(sample)
+
+
+def _ppo_state(mesh, optimizer, separate_critic):
+    head = lambda seed: models.init_scalar_head(CFG, jax.random.key(seed), 0.125)
+    if separate_critic:
+        init = lambda: {"policy": _lm(0), "critic": {"backbone": _lm(10), "head": head(11)}}
+        axes = {"policy": AXES, "critic": {"backbone": AXES, "head": HEAD_AXES}}
+    else:
+        init = lambda: {"policy": _lm(0), "value_head": head(11)}
+        axes = {"policy": AXES, "value_head": HEAD_AXES}
+    frozen_init = lambda: {"reference": _lm(0), "reward": {"backbone": _lm(20), "head": head(21)}}
+    frozen_axes = {"reference": AXES, "reward": {"backbone": AXES, "head": HEAD_AXES}}
+    return create_train_state(init, optimizer, mesh, DEFAULT_RULES, axes, frozen_init_fn=frozen_init,
+                              frozen_axes=frozen_axes)
+
+
+def test_ppo_first_step_has_unit_ratio_and_improves_its_objective(ppo_setup):
+    mesh, sample = ppo_setup
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=100))
+    state = _ppo_state(mesh, optimizer, separate_critic=False)
+    shardings = shardings_of(state)
+    score = make_ppo_score_step(CFG, CFG, shardings, mesh, DEFAULT_RULES, whiten_advantages=True)
+    ppo_batch, rollout_metrics = score(state, shard_batch(sample, mesh, DEFAULT_RULES), jnp.float32(0.05))
+    assert float(ppo_batch.response_mask_BT.sum()) == float(sample.response_mask_BT.sum())
+    objective = functools.partial(ppo_objective, model_cfg=CFG)
+    evaluate = make_eval_step(objective, shardings, mesh, DEFAULT_RULES)
+    before = to_floats(evaluate(state, ppo_batch))
+
+    step = make_ppo_step(CFG, optimizer, shardings, mesh, DEFAULT_RULES, epochs=1, num_minibatches=1)
+    state, metrics = step(state, ppo_batch, jax.random.key(0))
+    metrics = to_floats(metrics)
+    assert metrics["ppo/clipfrac"] == 0.0
+    np.testing.assert_allclose(metrics["ppo/ratio"], 1.0, atol=1e-6)
+    np.testing.assert_allclose(metrics["ppo/approx_kl_k3"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(metrics["optim/loss"], before["optim/loss"], rtol=1e-5, atol=1e-6)
+    after = to_floats(evaluate(state, ppo_batch))
+    assert after["optim/loss"] < before["optim/loss"] - 1e-3, (before, after)
+    assert after["ppo/policy_loss"] < before["ppo/policy_loss"]
+
+
+def test_ppo_epochs_and_minibatches_with_a_separate_critic(ppo_setup):
+    mesh, sample = ppo_setup
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=100))
+    state = _ppo_state(mesh, optimizer, separate_critic=True)
+    shardings = shardings_of(state)
+    score = make_ppo_score_step(CFG, CFG, shardings, mesh, DEFAULT_RULES)
+    ppo_batch, _ = score(state, shard_batch(sample, mesh, DEFAULT_RULES), jnp.float32(0.05))
+    critic_before = jax.device_get(state.params["critic"]["head"]["kernel"])
+    frozen_before = jax.device_get(state.frozen)
+
+    step = make_ppo_step(CFG, optimizer, shardings, mesh, DEFAULT_RULES, epochs=3, num_minibatches=2)
+    state, metrics = step(state, ppo_batch, jax.random.key(1))
+    tokens = float(ppo_batch.response_mask_BT.sum())
+    # every token seen once per epoch; one optimizer call per minibatch
+    assert float(metrics["ppo/clipfrac"].count) == 3 * tokens
+    assert float(metrics["optim/grad_norm"].count) == 6 and int(state.step) == 6
+    assert not np.allclose(jax.device_get(state.params["critic"]["head"]["kernel"]), critic_before)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), frozen_before)
+    with pytest.raises(ValueError, match="does not split into 3 minibatches"):
+        make_ppo_step(CFG, optimizer, shardings, mesh, DEFAULT_RULES, epochs=1, num_minibatches=3)(
+            state, ppo_batch, jax.random.key(2))

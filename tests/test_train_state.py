@@ -1,0 +1,115 @@
+"""TrainState creation on a mesh, placement of loaded parameters, and the optimizer recipe."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import models
+from rlhf_jax.configs import MeshConfig, OptimizerConfig
+from rlhf_jax.sharding import DEFAULT_RULES, make_mesh, per_device_bytes, shard_batch
+from rlhf_jax.steps import make_sft_step
+from rlhf_jax.train_state import (abstract_train_state, create_train_state, make_optimizer, make_schedule,
+                                  place_train_state, shardings_of)
+
+from mesh_case import sft_batch, tiny_model_config
+
+CFG = tiny_model_config()
+AXES = models.param_logical_axes(CFG)
+
+
+def _init():
+    return models.init_params(CFG, jax.random.key(0))
+
+
+def test_create_train_state_initialises_shards_in_place():
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+    optimizer = make_optimizer(OptimizerConfig())
+    abstract = abstract_train_state(_init, optimizer, mesh, DEFAULT_RULES, AXES)
+    state = create_train_state(_init, optimizer, mesh, DEFAULT_RULES, AXES)
+    assert shardings_of(state) == shardings_of(abstract)
+    up = state.params["layers"]["mlp"]["up"]["kernel"]
+    assert per_device_bytes(up) * 8 == up.nbytes
+    mu_up = state.opt_state[1][0].mu["layers"]["mlp"]["up"]["kernel"]  # chain(clip, adamw): adam moments
+    assert mu_up.sharding == up.sharding
+    assert state.opt_state[1][0].count.sharding.spec == jax.sharding.PartitionSpec()
+    # The sharded initialisation draws the same numbers as an unsharded one (up to float rounding).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
+                 jax.device_get(state.params), jax.device_get(_init()))
+    assert int(state.step) == 0 and state.frozen == {}
+
+
+def test_place_loaded_params_as_policy_and_reference_then_step():
+    mesh = make_mesh(MeshConfig(data=2, tensor=4))
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=10))
+    loaded = jax.device_get(_init())  # host arrays, as from models.load_pretrained
+    state = place_train_state(loaded, optimizer, mesh, DEFAULT_RULES, AXES, frozen=loaded, frozen_axes=AXES)
+    q = state.params["layers"]["attn"]["q"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
+    assert state.frozen["layers"]["attn"]["q"]["kernel"].sharding == q.sharding
+    # Reuse the device params as the reference too: still separate buffers, so donation is safe.
+    state = place_train_state(state.params, optimizer, mesh, DEFAULT_RULES, AXES, frozen=state.params, frozen_axes=AXES)
+    pointers = lambda x: {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
+    assert not pointers(state.params["embed"]["embedding"]) & pointers(state.frozen["embed"]["embedding"])
+    step = make_sft_step(CFG, optimizer, shardings_of(state), mesh, DEFAULT_RULES)
+    state, _ = step(state, shard_batch(sft_batch(0), mesh, DEFAULT_RULES))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), loaded)
+    assert not np.array_equal(jax.device_get(state.params["embed"]["embedding"]), loaded["embed"]["embedding"])
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine():
+    schedule = make_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=10, total_steps=110, end_lr_ratio=0.1))
+    np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.0, 0.5, 1.0], atol=1e-6)
+    np.testing.assert_allclose(schedule(60), 0.1 + 0.9 * 0.5, atol=1e-6)  # cosine half-way
+    np.testing.assert_allclose(schedule(110), 0.1, atol=1e-6)
+
+
+def _toy():
+    return {"w": jnp.full((4, 3), 0.5), "norm": jnp.ones((3,))}
+
+
+def test_clipping_and_matrix_only_weight_decay():
+    cfg = OptimizerConfig(learning_rate=0.1, total_steps=10, max_grad_norm=1.0, weight_decay=0.5)
+    params = _toy()
+    grads = [jax.tree.map(lambda p: 1e3 * jnp.ones_like(p), params),
+             jax.tree.map(lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape), params)]
+
+    def last_update(tx, grads):
+        state = tx.init(params)
+        for g in grads:
+            updates, state = tx.update(g, state, params)
+        return updates
+
+    clip = lambda g: optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())[0]
+    no_clip = make_optimizer(dataclasses.replace(cfg, max_grad_norm=None))
+    with_clip = last_update(make_optimizer(cfg), grads)
+    jax.tree.map(np.testing.assert_allclose, with_clip, last_update(no_clip, [clip(g) for g in grads]))
+    assert not np.allclose(with_clip["w"], last_update(no_clip, grads)["w"])  # clipping changed Adam's moments
+    # Zero gradients at step 0 (lr = peak after no warmup): only decay acts, and only on matrices.
+    tx = make_optimizer(cfg)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * params["w"], rtol=1e-6)
+    np.testing.assert_array_equal(updates["norm"], 0.0)
+
+
+def test_gradient_accumulation_equals_one_step_on_the_mean_gradient():
+    base = dict(learning_rate=0.1, total_steps=10, max_grad_norm=0.5)
+    accumulate, single = make_optimizer(OptimizerConfig(**base, grad_accum_steps=2)), make_optimizer(OptimizerConfig(**base))
+    params = _toy()
+    g1 = jax.tree.map(lambda p: jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape), params)
+    g2 = jax.tree.map(lambda p: -0.5 * jnp.ones_like(p), params)
+    state = accumulate.init(params)
+    u1, state = accumulate.update(g1, state, params)
+    jax.tree.map(lambda u: np.testing.assert_array_equal(u, 0.0), u1)  # no update mid-accumulation
+    u2, _ = accumulate.update(g2, state, params)
+    expected, _ = single.update(jax.tree.map(lambda a, b: (a + b) / 2, g1, g2), single.init(params), params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u2, expected)
+
+
+def test_optimizer_config_is_validated():
+    with pytest.raises(ValueError, match="warmup_steps < total_steps"):
+        OptimizerConfig(warmup_steps=10, total_steps=10)
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        OptimizerConfig(grad_accum_steps=0)
