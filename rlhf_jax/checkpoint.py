@@ -70,7 +70,9 @@ def restore(manager: ocp.CheckpointManager, abstract_state: TrainState, step: in
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), rng=ocp.args.JaxRandomKeyRestore(),
+    rng_args = ocp.ArrayRestoreArgs(sharding=abstract_state.step.sharding)  # replicated on the target mesh
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              rng=ocp.args.JaxRandomKeyRestore(restore_args=rng_args),
                               data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
     out = manager.restore(step, args=args)
     return Restored(step=step, state=out.state, rng=out.rng, data_state=out.data, config=out.config)

@@ -68,7 +68,8 @@ class CheckpointConfig:
     directory: str = "checkpoints"
     """Root folder; one sub-folder per saved step."""
     save_every: int = 1000
-    """Save when ``step % save_every == 0`` (the last step is saved explicitly by the scripts)."""
+    """Save when ``step % save_every == 0``, and at the first save call (orbax's default policy, which
+    also saves on a preemption signal). Scripts save their last step with ``force=True``."""
     max_to_keep: int | None = 3
     """Newest checkpoints kept; older ones are deleted. None keeps all."""
     async_save: bool = True
