@@ -1,0 +1,56 @@
+"""Two processes x 4 CPU devices (jax.distributed on localhost) give the same SFT step as one process x 8."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from mesh_case import MULTIHOST_MESH, sft_batch, sft_step_report
+
+WORKER = Path(__file__).with_name("mesh_case.py")
+TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process():
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
+           "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
+    workers = [subprocess.Popen([sys.executable, str(WORKER), "--coordinator", f"localhost:{port}",
+                                 "--num-processes", "2", "--process-id", str(i)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for i in range(2)]
+    outputs = []
+    try:
+        for worker in workers:
+            outputs.append(worker.communicate(timeout=TIMEOUT_S)[0])
+    finally:
+        for worker in workers:  # never leave a hung worker behind
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
+    for worker, out in zip(workers, outputs):
+        assert worker.returncode == 0, out[-4000:]
+    reports = [json.loads(next(line for line in out.splitlines() if line.startswith("REPORT "))[7:])
+               for out in outputs]
+
+    full = sft_batch(seed=0)
+    single = sft_step_report(MULTIHOST_MESH, full)
+    assert single["process_count"] == 1 and single["device_count"] == 8
+    for report in reports:
+        assert report["process_count"] == 2 and report["device_count"] == 8
+        # The global batch is the processes' rows in process order.
+        assert report["ids_sum_by_row"] == full.input_ids_BT.sum(1).tolist()
+        np.testing.assert_allclose(report["loss"], single["loss"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(report["grad_norm"], single["grad_norm"], rtol=1e-5)
+        np.testing.assert_allclose(report["param_abs_sum"], single["param_abs_sum"], rtol=1e-6)
