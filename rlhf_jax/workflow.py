@@ -58,7 +58,7 @@ class DataArgs:
     """Held-out file / "tfds:NAME" (default: the simulated held-out split, or none for a user file)."""
     data_dir: str | None = None
     """TFDS data directory for "tfds:" names."""
-    layout: Literal["canonical", "auto", "hh_rlhf", "tldr", "trl"] = "auto"
+    layout: Literal["canonical", "auto", "hh_rlhf", "tldr", "trl"] = "canonical"
     """File layout: ours ("canonical") or a public one (HH-RLHF, TL;DR comparisons, TRL/UltraFeedback)."""
     skip_invalid: bool = False
     """Skip malformed rows (counted and reported) instead of stopping at the first one."""
