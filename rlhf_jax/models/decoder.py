@@ -21,6 +21,7 @@ decoding reproduces a full forward pass over the concatenated sequence.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.struct
@@ -101,35 +102,48 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def _rope(cfg: ModelConfig, x_BTNE: jax.Array, positions_BT: jax.Array) -> jax.Array:
-    """Rotary embedding on the first ``rotary_dim`` dims of each head, "rotate-half" layout:
-    x' = x·cos(pθ) + rotate_half(x)·sin(pθ), rotate_half([x1, x2]) = [−x2, x1] (GPT-NeoX / HF Llama)."""
+def _rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+    """cos(p·θ) and sin(p·θ), float32 (B, T, 1, rotary_dim), computed once for all layers; None without RoPE."""
+    if cfg.position_type != "rope":
+        return None
     angles_BTR = positions_BT[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
     angles_BT1E = jnp.concatenate([angles_BTR, angles_BTR], axis=-1)[:, :, None, :]
+    return jnp.cos(angles_BT1E), jnp.sin(angles_BT1E)
+
+
+def _apply_rope(cfg: ModelConfig, x_BTNE: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotary embedding on the first ``rotary_dim`` dims of each head, "rotate-half" layout:
+    x' = x·cos(pθ) + rotate_half(x)·sin(pθ), rotate_half([x1, x2]) = [−x2, x1] (GPT-NeoX / HF Llama)."""
+    cos, sin = rope
     x_rot, x_pass = x_BTNE[..., : cfg.rotary_dim].astype(jnp.float32), x_BTNE[..., cfg.rotary_dim :]
     x1, x2 = jnp.split(x_rot, 2, axis=-1)
-    rotated = x_rot * jnp.cos(angles_BT1E) + jnp.concatenate([-x2, x1], axis=-1) * jnp.sin(angles_BT1E)
+    rotated = x_rot * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
     return jnp.concatenate([rotated.astype(x_BTNE.dtype), x_pass], axis=-1)
 
 
-def _dense(cfg: ModelConfig, p: Params, x: jax.Array, spec: str) -> jax.Array:
-    """``einsum(spec, x, kernel) + bias`` in the compute dtype."""
-    y = jnp.einsum(spec, x, p["kernel"].astype(cfg.compute_dtype))
+def _dense(cfg: ModelConfig, p: Params, x: jax.Array, n_in: int = 1) -> jax.Array:
+    """``x · kernel + bias``, contracting the last ``n_in`` dims of x with the first ``n_in`` of the kernel.
+
+    Computed as one 2-D matmul (tokens, in) @ (in, out) in the compute dtype: XLA:CPU lays out the
+    backward pass of this form better than that of the equivalent N-d einsum (~10% faster step).
+    """
+    kernel = p["kernel"].astype(cfg.compute_dtype)
+    lead, n_out = x.shape[: x.ndim - n_in], kernel.ndim - n_in
+    y = x.reshape(math.prod(lead), -1) @ kernel.reshape(math.prod(kernel.shape[:n_in]), -1)
+    y = y.reshape(*lead, *kernel.shape[n_in:])
     return y + p["bias"].astype(cfg.compute_dtype) if "bias" in p else y
 
 
-def _attention(cfg: ModelConfig, p: Params, x_BTD, positions_BT, allowed_BTS, kv, slot):
+def _attention(cfg: ModelConfig, p: Params, x_BTD, rope, allowed_BTS, kv, slot):
     """Multi-head attention softmax(q·kᵀ·scale + mask)·v with grouped kv heads (Ainslie et al. 2023).
 
     Without a cache (``kv`` is None) the keys are this sequence's. With one, this step's keys and
     values are written into the layer's cache ``kv = (keys_BSKE, values_BSKE)`` at ``slot`` and the
     queries attend over all ``S`` slots. Returns the output and the updated ``kv``.
     """
-    q_BTHE = _dense(cfg, p["q"], x_BTD, "btd,dhe->bthe")
-    k_BTKE = _dense(cfg, p["k"], x_BTD, "btd,dke->btke")
-    v_BTKE = _dense(cfg, p["v"], x_BTD, "btd,dke->btke")
-    if cfg.position_type == "rope":
-        q_BTHE, k_BTKE = _rope(cfg, q_BTHE, positions_BT), _rope(cfg, k_BTKE, positions_BT)
+    q_BTHE, k_BTKE, v_BTKE = (_dense(cfg, p[name], x_BTD) for name in ("q", "k", "v"))
+    if rope is not None:
+        q_BTHE, k_BTKE = _apply_rope(cfg, q_BTHE, rope), _apply_rope(cfg, k_BTKE, rope)
     if kv is not None:
         keys_BSKE, values_BSKE = kv
         keys_BSKE = lax.dynamic_update_slice_in_dim(keys_BSKE, k_BTKE.astype(keys_BSKE.dtype), slot, axis=1)
@@ -138,35 +152,35 @@ def _attention(cfg: ModelConfig, p: Params, x_BTD, positions_BT, allowed_BTS, kv
         k_BTKE, v_BTKE = keys_BSKE.astype(cfg.compute_dtype), values_BSKE.astype(cfg.compute_dtype)
     scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
     out_BTHE = jax.nn.dot_product_attention(q_BTHE, k_BTKE, v_BTKE, mask=allowed_BTS[:, None], scale=scale)
-    return _dense(cfg, p["o"], out_BTHE, "bthe,hed->btd"), kv
+    return _dense(cfg, p["o"], out_BTHE, n_in=2), kv
 
 
 def _mlp(cfg: ModelConfig, p: Params, x_BTD: jax.Array) -> jax.Array:
     """SwiGLU  down(act(gate(x)) ⊙ up(x))  (Shazeer 2020; Llama, Qwen2) or  down(act(up(x)))  (GPT-2, NeoX)."""
     act = _ACTIVATIONS[cfg.activation]
-    h_BTF = _dense(cfg, p["up"], x_BTD, "btd,df->btf")
-    h_BTF = act(_dense(cfg, p["gate"], x_BTD, "btd,df->btf")) * h_BTF if cfg.gated_mlp else act(h_BTF)
-    return _dense(cfg, p["down"], h_BTF, "btf,fd->btd")
+    h_BTF = _dense(cfg, p["up"], x_BTD)
+    h_BTF = act(_dense(cfg, p["gate"], x_BTD)) * h_BTF if cfg.gated_mlp else act(h_BTF)
+    return _dense(cfg, p["down"], h_BTF)
 
 
-def _block(cfg: ModelConfig, p: Params, x_BTD, positions_BT, allowed_BTS, kv, slot):
+def _block(cfg: ModelConfig, p: Params, x_BTD, rope, allowed_BTS, kv, slot):
     """Pre-norm block. Sequential: x ← x + attn(n₁(x)); x ← x + mlp(n₂(x)). Parallel (GPT-J,
     NeoX ``use_parallel_residual``): x ← x + attn(n₁(x)) + mlp(n₂(x))."""
-    attn_BTD, kv = _attention(cfg, p["attn"], _norm(cfg, p["attn_norm"], x_BTD), positions_BT, allowed_BTS, kv, slot)
+    attn_BTD, kv = _attention(cfg, p["attn"], _norm(cfg, p["attn_norm"], x_BTD), rope, allowed_BTS, kv, slot)
     if cfg.parallel_residual:
         return x_BTD + attn_BTD + _mlp(cfg, p["mlp"], _norm(cfg, p["mlp_norm"], x_BTD)), kv
     x_BTD = x_BTD + attn_BTD
     return x_BTD + _mlp(cfg, p["mlp"], _norm(cfg, p["mlp_norm"], x_BTD)), kv
 
 
-def _layers(cfg: ModelConfig, layers: Params, x_BTD, positions_BT, allowed_BTS, kv=None, slot=None):
+def _layers(cfg: ModelConfig, layers: Params, x_BTD, rope, allowed_BTS, kv=None, slot=None):
     """All blocks, scanned (``cfg.scan_layers``) or unrolled, each optionally rematerialised.
 
     ``kv`` is None or the stacked cache ``(keys_LBSKE, values_LBSKE)``; returns (x, updated kv).
     """
     def block(x, xs):
         p, kv_layer = xs
-        return _block(cfg, p, x, positions_BT, allowed_BTS, kv_layer, slot)
+        return _block(cfg, p, x, rope, allowed_BTS, kv_layer, slot)
 
     if cfg.remat:
         block = jax.checkpoint(block)
@@ -189,12 +203,14 @@ def _embed(cfg: ModelConfig, params: Params, input_ids_BT, positions_BT) -> jax.
 
 
 def _unembed(cfg: ModelConfig, params: Params, hidden_BTD: jax.Array) -> jax.Array:
-    """Float32 logits: hidden · lm_head, or hidden · embeddingᵀ when tied."""
+    """Float32 logits: hidden · lm_head, or hidden · embeddingᵀ when tied (2-D matmul, as in ``_dense``)."""
+    B, T, D = hidden_BTD.shape
     if cfg.tie_embeddings:
-        kernel, spec = params["embed"]["embedding"], "btd,vd->btv"
+        kernel_DV = params["embed"]["embedding"].astype(cfg.compute_dtype).T
     else:
-        kernel, spec = params["lm_head"]["kernel"], "btd,dv->btv"
-    return jnp.einsum(spec, hidden_BTD, kernel.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+        kernel_DV = params["lm_head"]["kernel"].astype(cfg.compute_dtype)
+    logits_NV = jnp.matmul(hidden_BTD.reshape(B * T, D), kernel_DV, preferred_element_type=jnp.float32)
+    return logits_NV.reshape(B, T, -1)
 
 
 def _check_inputs(name: str, input_ids_BT, attention_mask_BT, positions_BT=None) -> None:
@@ -226,7 +242,7 @@ def forward_hidden(cfg: ModelConfig, params: Params, input_ids_BT: jax.Array, at
         positions_BT = positions_from_mask(attention_mask_BT)
     allowed_BTS = _allowed(jnp.arange(input_ids_BT.shape[1]), attention_mask_BT)
     x_BTD = _embed(cfg, params, input_ids_BT, positions_BT)
-    x_BTD, _ = _layers(cfg, params["layers"], x_BTD, positions_BT, allowed_BTS)
+    x_BTD, _ = _layers(cfg, params["layers"], x_BTD, _rope_tables(cfg, positions_BT), allowed_BTS)
     return _norm(cfg, params["final_norm"], x_BTD)
 
 
@@ -267,7 +283,7 @@ def _extend(cfg: ModelConfig, params: Params, input_ids_BT, attention_mask_BT, c
     mask_BS = lax.dynamic_update_slice_in_dim(cache.mask_BS, mask_BT, cache.index, axis=1)
     allowed_BTS = _allowed(cache.index + jnp.arange(T), mask_BS)
     x_BTD = _embed(cfg, params, input_ids_BT, positions_BT)
-    x_BTD, (keys, values) = _layers(cfg, params["layers"], x_BTD, positions_BT, allowed_BTS,
+    x_BTD, (keys, values) = _layers(cfg, params["layers"], x_BTD, _rope_tables(cfg, positions_BT), allowed_BTS,
                                     kv=(cache.keys, cache.values), slot=cache.index)
     logits_BTV = _unembed(cfg, params, _norm(cfg, params["final_norm"], x_BTD))
     new_cache = KVCache(keys=keys, values=values, mask_BS=mask_BS,
