@@ -50,16 +50,18 @@ def test_topic_is_recovered_from_every_sampled_prompt(split):
     assert len(seen) > 1500  # slot values and greetings make prompts diverse
 
 
-def test_eval_split_holds_out_templates_and_slot_values():
-    assert len(TOPICS) >= 12
-    for topic in TOPICS:
-        assert len(topic.train_templates) >= 4 and topic.eval_templates
-        assert not set(topic.train_templates) & set(topic.eval_templates)
+def test_eval_split_holds_out_greetings_closings_and_slot_values():
+    assert len(TOPICS) >= 12 and all(len(topic.templates) >= 5 for topic in TOPICS)
+    for table in (world._GREETINGS, world._CLOSINGS):
+        assert not set(table["eval"]) & set(table["train"]) and "" not in table["eval"]
     for slot, values in world._SLOTS["eval"].items():
         assert not set(values) & set(world._SLOTS["train"][slot]), slot
-    train = {r["prompt"] for r in prompt_rows(2000, seed=0, split="train")}
-    held_out = {r["prompt"] for r in prompt_rows(2000, seed=0, split="eval")}
-    assert not train & held_out
+    train = {r["prompt"] for r in prompt_rows(3000, seed=0, split="train")}
+    held_out = [r["prompt"] for r in prompt_rows(1000, seed=0, split="eval")]
+    assert not train & set(held_out)
+    for prompt in held_out:  # every eval prompt opens and closes with text no train prompt has
+        text = world.customer_text(prompt)
+        assert text.startswith(world._GREETINGS["eval"]) and text.endswith(world._CLOSINGS["eval"])
 
 
 def test_each_response_part_is_recognised_by_exactly_its_own_cue():

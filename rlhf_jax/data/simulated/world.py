@@ -13,8 +13,10 @@ can be sampled on its own and scored on its own (``gold.py``)::
 - ``offer``: an offer of further help (or absent).
 
 ``DEMO_MIX`` samples each part so that the average demonstration is mediocre: SFT imitates that
-average and RLHF has room to improve on it. The ``"eval"`` split holds out one complaint template per
-topic and uses slot values (order numbers, items, amounts, codes) never seen in ``"train"``.
+average and RLHF has room to improve on it. The ``"eval"`` split draws from the same complaint
+templates (as a held-out set of the same distribution would) but with greetings, closings and slot
+values (order numbers, items, amounts, days, codes) never seen in ``"train"``, so no eval prompt is
+a train prompt.
 """
 from __future__ import annotations
 
@@ -33,10 +35,8 @@ class Topic:
     """One kind of customer issue."""
 
     name: str
-    train_templates: tuple[str, ...]
+    templates: tuple[str, ...]
     """Complaints with ``{order}``, ``{item}``, ``{amount}``, ``{days}`` or ``{code}`` slots."""
-    eval_templates: tuple[str, ...]
-    """Held-out complaints (new sentence frames, same cue words)."""
     cue: str
     """Regex that recognises this topic in a customer's complaint (lower case)."""
     actions: tuple[str, ...]
@@ -49,8 +49,8 @@ TOPICS: tuple[Topic, ...] = (
     Topic(
         "late_order",
         ("My order {order} has not arrived yet.", "Where is my order {order}? It is late.",
-         "I am still waiting for my {item}.", "My {item} was supposed to arrive {days} ago."),
-        ("Order {order} is late and still not here.",),
+         "I am still waiting for my {item}.", "My {item} was supposed to arrive {days} ago.",
+         "Order {order} is late and still not here."),
         r"not arrived|is late|still waiting|supposed to arrive|still not here",
         ("Check the tracking link in your email.",
          "You can follow your package with the tracking number.",
@@ -60,8 +60,8 @@ TOPICS: tuple[Topic, ...] = (
     Topic(
         "refund_request",
         ("I want a refund for my {item}.", "Can I get my money back for order {order}?",
-         "Please refund the {amount} I paid for the {item}.", "I returned the {item} but I have no refund yet."),
-        ("I would like my money back for the {item}, please.",),
+         "Please refund the {amount} I paid for the {item}.", "I returned the {item} but I have no refund yet.",
+         "I would like my money back for the {item}, please."),
         r"refund|money back",
         ("I have started a refund to your card.",
          "Your refund will arrive within five business days.",
@@ -71,8 +71,8 @@ TOPICS: tuple[Topic, ...] = (
     Topic(
         "password_reset",
         ("I forgot my password.", "How do I reset my password?", "My password does not work anymore.",
-         "I need a new password for my account."),
-        ("I cannot remember the password for my account.",),
+         "I need a new password for my account.",
+         "I cannot remember the password for my account."),
         r"password",
         ("I have sent a password reset link to your email.",
          "Use the reset link we just emailed you.",
@@ -82,8 +82,8 @@ TOPICS: tuple[Topic, ...] = (
     Topic(
         "damaged_item",
         ("My {item} arrived broken.", "The {item} from order {order} is damaged.",
-         "The box was crushed and the {item} is cracked.", "My {item} came with a broken part."),
-        ("I opened the package and the {item} was damaged.",),
+         "The box was crushed and the {item} is cracked.", "My {item} came with a broken part.",
+         "I opened the package and the {item} was damaged."),
         r"\bbroken\b|damaged|cracked",
         ("We will ship a replacement right away.",
          "I have arranged a replacement for the item.",
@@ -93,8 +93,8 @@ TOPICS: tuple[Topic, ...] = (
     Topic(
         "billing_error",
         ("I was charged twice for order {order}.", "My bill shows {amount} but I paid less.",
-         "There is a wrong charge of {amount} on my bill.", "You charged me {amount} for something I did not buy."),
-        ("My card was charged {amount} twice this month.",),
+         "There is a wrong charge of {amount} on my bill.", "You charged me {amount} for something I did not buy.",
+         "My card was charged {amount} twice this month."),
         r"charged|wrong charge|\bbill\b",
         ("I have adjusted the charge on your bill.",
          "Your bill has been adjusted.",
@@ -104,8 +104,8 @@ TOPICS: tuple[Topic, ...] = (
     Topic(
         "cancel_subscription",
         ("I want to cancel my subscription.", "Please stop my monthly plan.", "How do I end my membership?",
-         "Cancel my subscription before the next payment."),
-        ("I no longer want the subscription, please cancel it.",),
+         "Cancel my subscription before the next payment.",
+         "I no longer want the subscription, please cancel it."),
         r"cancel|subscription|monthly plan|membership",
         ("I have cancelled your subscription.",
          "Your subscription is cancelled from today.",
@@ -115,8 +115,8 @@ TOPICS: tuple[Topic, ...] = (
     Topic(
         "change_address",
         ("I need to change my shipping address.", "I moved and my address is wrong.",
-         "Please send order {order} to my new address.", "Can I update the delivery address for my {item}?"),
-        ("My address changed last week, can you fix it?",),
+         "Please send order {order} to my new address.", "Can I update the delivery address for my {item}?",
+         "My address changed last week, can you fix it?"),
         r"address",
         ("I have updated the shipping address on your order.",
          "Your new address is now on your account.",
@@ -126,8 +126,8 @@ TOPICS: tuple[Topic, ...] = (
     Topic(
         "wrong_item",
         ("I ordered a {item} but got something else.", "You sent me the wrong item.",
-         "Order {order} contains the wrong product.", "This is not the {item} I ordered."),
-        ("I received a {item} that I never ordered.",),
+         "Order {order} contains the wrong product.", "This is not the {item} I ordered.",
+         "I received a {item} that I never ordered."),
         r"wrong item|wrong product|something else|not the .* i ordered|never ordered",
         ("I have emailed you a prepaid return label.",
          "Use the prepaid return label we sent.",
@@ -137,8 +137,8 @@ TOPICS: tuple[Topic, ...] = (
     Topic(
         "account_locked",
         ("My account is locked.", "I cannot log in, it says my account is blocked.",
-         "I am locked out of my account.", "Why was my account suspended?"),
-        ("My account got locked after I tried to sign in.",),
+         "I am locked out of my account.", "Why was my account suspended?",
+         "My account got locked after I tried to sign in."),
         r"locked|blocked|suspended",
         ("I have unlocked your account.",
          "Your account is unlocked, so sign in again.",
@@ -148,8 +148,8 @@ TOPICS: tuple[Topic, ...] = (
     Topic(
         "missing_invoice",
         ("I did not get an invoice for order {order}.", "Where can I find my invoice?",
-         "I need a receipt for my {item}.", "My invoice for {amount} is missing."),
-        ("Can you send me the receipt for order {order}?",),
+         "I need a receipt for my {item}.", "My invoice for {amount} is missing.",
+         "Can you send me the receipt for order {order}?"),
         r"invoice|receipt",
         ("I emailed you a copy of the invoice.",
          "You can download the invoice from your account page.",
@@ -159,8 +159,8 @@ TOPICS: tuple[Topic, ...] = (
     Topic(
         "payment_declined",
         ("My payment was declined.", "My card keeps getting rejected at checkout.",
-         "Why did my payment fail for the {item}?", "Checkout says my card was declined."),
-        ("I tried to pay for order {order} but it was declined.",),
+         "Why did my payment fail for the {item}?", "Checkout says my card was declined.",
+         "I tried to pay for order {order} but it was declined."),
         r"declined|rejected|payment fail",
         ("Check your card details and try again.",
          "Update your card details in your account and retry.",
@@ -170,8 +170,8 @@ TOPICS: tuple[Topic, ...] = (
     Topic(
         "warranty_claim",
         ("My {item} stopped working after a month.", "Is my {item} still under warranty?",
-         "The {item} I bought last year does not turn on.", "I want to use the warranty for my {item}."),
-        ("Does the warranty cover my {item}? It stopped working.",),
+         "The {item} I bought last year does not turn on.", "I want to use the warranty for my {item}.",
+         "Does the warranty cover my {item}? It stopped working."),
         r"warranty|stopped working|does not turn on",
         ("I have opened a warranty claim for your item.",
          "Your warranty covers a repair, and I booked it.",
@@ -181,8 +181,8 @@ TOPICS: tuple[Topic, ...] = (
     Topic(
         "discount_code",
         ("My discount code {code} is not working.", "The coupon {code} was not applied to my order.",
-         "I forgot to use my promo code {code}.", "Why does the code {code} give no discount?"),
-        ("The promo code {code} says it is invalid.",),
+         "I forgot to use my promo code {code}.", "Why does the code {code} give no discount?",
+         "The promo code {code} says it is invalid."),
         r"discount|coupon|promo|\bcode\b",
         ("I have applied the discount to your order.",
          "The discount is now added to your order.",
@@ -192,8 +192,8 @@ TOPICS: tuple[Topic, ...] = (
     Topic(
         "app_crash",
         ("The app crashes when I open it.", "Your app keeps freezing on my phone.",
-         "The app closes every time I log in.", "I cannot use the app, it shows an error."),
-        ("The mobile app crashed again this morning.",),
+         "The app closes every time I log in.", "I cannot use the app, it shows an error.",
+         "The mobile app crashed again this morning."),
         r"\bapp\b",
         ("Update the app to the latest version.",
          "The latest version of the app fixes this.",
@@ -217,8 +217,14 @@ IRRELEVANT_REMARKS = ("It is raining here today, by the way.", "Our cafeteria se
 OFFERS = ("Let me know if you need anything else.", "Is there anything else you need from us?",
           "If you need anything else, just reply here.", "Reply here if you need further assistance.")
 
-_PREFIXES = ("", "Hi. ", "Hello. ", "Hey there. ", "Good morning. ")
-_SUFFIXES = ("", " Please help.", " This is frustrating.", " Can you help?", " Thanks.")
+_GREETINGS: Mapping[Split, tuple[str, ...]] = {
+    "train": ("", "Hi. ", "Hello. ", "Hey there. ", "Good morning. "),
+    "eval": ("Hi again. ", "Good evening. ", "Hello team. "),
+}
+_CLOSINGS: Mapping[Split, tuple[str, ...]] = {
+    "train": ("", " Please help.", " This is frustrating.", " Can you help?", " Thanks."),
+    "eval": (" Please reply soon.", " I need this fixed.", " Thank you."),
+}
 _SLOTS: Mapping[Split, Mapping[str, tuple[str, ...]]] = {
     "train": {
         "order": tuple(str(n) for n in range(1000, 7000, 7)),
@@ -266,9 +272,8 @@ def sample_prompt(rng: np.random.Generator, split: Split = "train") -> tuple[str
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     topic = TOPICS[int(rng.integers(len(TOPICS)))]
-    templates = topic.train_templates if split == "train" else topic.eval_templates
-    complaint = _SLOT_RE.sub(lambda m: _choice(rng, _SLOTS[split][m.group(1)]), _choice(rng, templates))
-    return format_prompt(_choice(rng, _PREFIXES) + complaint + _choice(rng, _SUFFIXES)), topic
+    complaint = _SLOT_RE.sub(lambda m: _choice(rng, _SLOTS[split][m.group(1)]), _choice(rng, topic.templates))
+    return format_prompt(_choice(rng, _GREETINGS[split]) + complaint + _choice(rng, _CLOSINGS[split])), topic
 
 
 @dataclasses.dataclass(frozen=True)
