@@ -4,7 +4,7 @@ Both sides get the same weights (a Llama-style model written once with transform
 ``models.load_pretrained``), the same left-padded prompts, and produce exactly ``--new-tokens``
 tokens per row (no EOS on our side, ``min_new_tokens = max_new_tokens`` on theirs). Each mode is
 run once to warm up (our first call includes compilation, reported separately), then ``--runs``
-times; the table gives medians.
+times, alternating between the two sides; the table gives medians.
 
     python benchmarks/generation.py                       # 4 layers, d 256, vocab 4096
     python benchmarks/generation.py --batch 32 --new-tokens 256
@@ -56,17 +56,22 @@ def left_padded_prompts(args) -> tuple[np.ndarray, np.ndarray]:
     return np.where(mask == 1, ids, 0), mask
 
 
-def timed(fn, runs: int) -> tuple[float, list[float]]:
-    """(first call seconds, seconds of each of ``runs`` later calls)."""
+def seconds(fn) -> float:
     start = time.perf_counter()
     fn()
-    first = time.perf_counter() - start
-    times = []
+    return time.perf_counter() - start
+
+
+def compare(ours, theirs, runs: int) -> tuple[float, list[float], list[float]]:
+    """Our first call (compile + run), then ``runs`` timings of each side, interleaved so that both
+    see the same machine load."""
+    first = seconds(ours)
+    seconds(theirs)  # warm-up
+    ours_s, theirs_s = [], []
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, times
+        ours_s.append(seconds(ours))
+        theirs_s.append(seconds(theirs))
+    return first, ours_s, theirs_s
 
 
 def main() -> None:
@@ -93,8 +98,8 @@ def main() -> None:
           f"prompt {args.prompt_len} (left-padded), {R} new tokens; {os.cpu_count()} CPU cores, "
           f"load average {os.getloadavg()[0]:.2f}; jax {jax.__version__}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
-    print(f"| mode | rlhf_jax tok/s | transformers tok/s | speed-up | rlhf_jax compile s |")
-    print(f"|---|---|---|---|---|")
+    print("| mode | rlhf_jax tok/s | transformers tok/s | speed-up | rlhf_jax compile s |")
+    print("|---|---|---|---|---|", flush=True)
     for name, (temperature, top_k, top_p) in MODES.items():
         keys = iter(jax.random.split(jax.random.key(0), args.runs + 1))
 
@@ -113,11 +118,10 @@ def main() -> None:
             assert out.shape == (args.batch, args.prompt_len + R), out.shape
             return out
 
-        first, ours_s = timed(ours, args.runs)
-        _, theirs_s = timed(theirs, args.runs)
+        first, ours_s, theirs_s = compare(ours, theirs, args.runs)
         ours_med, theirs_med = statistics.median(ours_s), statistics.median(theirs_s)
         print(f"| {name} | {new_tokens / ours_med:,.0f} | {new_tokens / theirs_med:,.0f} | "
-              f"{theirs_med / ours_med:.1f}x | {first - ours_med:.1f} |")
+              f"{theirs_med / ours_med:.1f}x | {first - ours_med:.1f} |", flush=True)
 
     greedy = rollout.generate(cfg, params, ids_np, mask_np, key=jax.random.key(0), max_new_tokens=R, temperature=0.0)
     with torch.inference_mode():
@@ -125,7 +129,7 @@ def main() -> None:
                                       pad_token_id=0, do_sample=False)
     same = np.asarray(greedy.response_ids_BR) == hf_greedy[:, args.prompt_len:].numpy()
     print(f"greedy tokens identical to transformers: {same.mean():.1%} "
-          f"(rows fully identical: {same.all(axis=1).sum()}/{args.batch})")
+          f"(rows fully identical: {same.all(axis=1).sum()}/{args.batch}); load average now {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
