@@ -19,13 +19,14 @@ prompts and responses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -50,7 +51,8 @@ MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_ke
              intermediate_size=384, max_position_embeddings=128, tie_word_embeddings=True)
 
 
-def tokenizer_corpus(n: int = CORPUS_ROWS, seed: int = 0) -> list[str]:
+@functools.cache
+def tokenizer_corpus(n: int = CORPUS_ROWS, seed: int = 0) -> tuple[str, ...]:
     """Texts to fit the BPE on: ``n`` prompts and demonstrations of the train split, plus every response part."""
     rng = np.random.default_rng(seed)
     texts = []
@@ -60,10 +62,10 @@ def tokenizer_corpus(n: int = CORPUS_ROWS, seed: int = 0) -> list[str]:
     parts = [a for t in world.TOPICS for a in t.actions] + list(
         world.GENERIC_ACTIONS + world.EMPATHY_OPENERS + world.FLAT_OPENERS + world.FILLERS + world.RUDE_REMARKS
         + world.IRRELEVANT_REMARKS + world.OFFERS)
-    return texts + [" " + p for p in parts]
+    return tuple(texts + [" " + p for p in parts])
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
+def build_tokenizer(corpus: Sequence[str], vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """A byte-level BPE fitted on ``corpus``, wrapped with bos/eos/pad and the chat template."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -85,7 +87,7 @@ def model_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
                        pad_token_id=tokenizer.pad_token_id, **MODEL)
 
 
-def build(out: str | os.PathLike, corpus: list[str] | None = None) -> pathlib.Path:
+def build(out: str | os.PathLike, corpus: Sequence[str] | None = None) -> pathlib.Path:
     """Write the tokenizer (fitted on ``corpus``, default ``tokenizer_corpus()``) and ``config.json`` to ``out``."""
     out = pathlib.Path(out)
     tokenizer = build_tokenizer(tokenizer_corpus() if corpus is None else corpus)
@@ -94,9 +96,9 @@ def build(out: str | os.PathLike, corpus: list[str] | None = None) -> pathlib.Pa
     return out
 
 
-def fingerprint(corpus: list[str]) -> str:
+def fingerprint(corpus: Sequence[str]) -> str:
     """12 hex digits of SHA-256 over what a build depends on: the corpus and the settings."""
-    blob = json.dumps([corpus, VOCAB_SIZE, MODEL, CHAT_TEMPLATE, [BOS, EOS, PAD]]).encode()
+    blob = json.dumps([list(corpus), VOCAB_SIZE, MODEL, CHAT_TEMPLATE, [BOS, EOS, PAD]]).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
