@@ -18,14 +18,26 @@ gpt_neox        LayerNorm  RoPE      GELU       all          partial rotary, par
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+import functools
+from typing import Any, Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gpt2", "gpt_neox")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # erf form
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),  # tanh form (GPT-2)
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+"""MLP non-linearities by their Hugging Face ``hidden_act`` / ``activation_function`` names."""
+SUPPORTED_ACTIVATIONS = tuple(ACTIVATIONS)
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",

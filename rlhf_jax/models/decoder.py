@@ -30,19 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.config import ACTIVATIONS, ModelConfig
 from rlhf_jax.models.params import Params
-
-_ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-}
-
 
 @flax.struct.dataclass
 class KVCache:
@@ -128,14 +117,16 @@ def _dense(cfg: ModelConfig, p: Params, x: jax.Array, n_in: int = 1) -> jax.Arra
     backward pass of this form better than that of the equivalent N-d einsum (~10% faster step).
     """
     kernel = p["kernel"].astype(cfg.compute_dtype)
-    lead, n_out = x.shape[: x.ndim - n_in], kernel.ndim - n_in
+    lead = x.shape[: x.ndim - n_in]
     y = x.reshape(math.prod(lead), -1) @ kernel.reshape(math.prod(kernel.shape[:n_in]), -1)
     y = y.reshape(*lead, *kernel.shape[n_in:])
     return y + p["bias"].astype(cfg.compute_dtype) if "bias" in p else y
 
 
 def _attention(cfg: ModelConfig, p: Params, x_BTD, rope, allowed_BTS, kv, slot):
-    """Multi-head attention softmax(q·kᵀ·scale + mask)·v with grouped kv heads (Ainslie et al. 2023).
+    """Attention softmax(q·kᵀ·scale + mask)·v (Vaswani et al. 2017), kv heads shared by groups of
+    query heads (GQA, Ainslie et al. 2023); ``jax.nn.dot_product_attention`` computes the logits and
+    softmax in float32 and gives fully masked (padding) query rows a finite uniform average.
 
     Without a cache (``kv`` is None) the keys are this sequence's. With one, this step's keys and
     values are written into the layer's cache ``kv = (keys_BSKE, values_BSKE)`` at ``slot`` and the
@@ -157,7 +148,7 @@ def _attention(cfg: ModelConfig, p: Params, x_BTD, rope, allowed_BTS, kv, slot):
 
 def _mlp(cfg: ModelConfig, p: Params, x_BTD: jax.Array) -> jax.Array:
     """SwiGLU  down(act(gate(x)) ⊙ up(x))  (Shazeer 2020; Llama, Qwen2) or  down(act(up(x)))  (GPT-2, NeoX)."""
-    act = _ACTIVATIONS[cfg.activation]
+    act = ACTIVATIONS[cfg.activation]
     h_BTF = _dense(cfg, p["up"], x_BTD)
     h_BTF = act(_dense(cfg, p["gate"], x_BTD)) * h_BTF if cfg.gated_mlp else act(h_BTF)
     return _dense(cfg, p["down"], h_BTF)
@@ -273,7 +264,9 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = jnp
 
 def _extend(cfg: ModelConfig, params: Params, input_ids_BT, attention_mask_BT, cache: KVCache):
     """Run T new tokens per row through the model on top of ``cache``; logits (B, T, V) and new cache."""
-    T, S = input_ids_BT.shape[1], cache.mask_BS.shape[1]
+    (B, T), S = input_ids_BT.shape, cache.mask_BS.shape[1]
+    if B != cache.mask_BS.shape[0]:
+        raise ValueError(f"{B} rows do not match a cache of {cache.mask_BS.shape[0]} rows")
     if T > S:
         raise ValueError(f"{T} tokens do not fit a cache of {S} slots")
     if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + T > S:
@@ -300,6 +293,8 @@ def prefill(cfg: ModelConfig, params: Params, input_ids_BT: jax.Array, attention
 
 def decode_step(cfg: ModelConfig, params: Params, cache: KVCache, token_ids_B: jax.Array) -> tuple[jax.Array, KVCache]:
     """Feed one token per row; float32 next-token logits (B, V) and the cache advanced by one slot."""
+    if token_ids_B.shape != cache.next_pos_B.shape:
+        raise ValueError(f"decode_step: token_ids_B {token_ids_B.shape} must be (batch,) = {cache.next_pos_B.shape}")
     ids_B1 = token_ids_B[:, None]
     logits_B1V, cache = _extend(cfg, params, ids_B1, jnp.ones(ids_B1.shape, bool), cache)
     return logits_B1V[:, 0], cache
