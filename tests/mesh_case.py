@@ -1,24 +1,28 @@
 """The tiny Llama and data shared by the mesh tests, and the worker that test_multihost.py launches.
 
 As a script it joins a ``jax.distributed`` run (``--coordinator``, ``--num-processes``,
-``--process-id``), feeds its own rows of the global batch, runs one sharded SFT step and prints
-the step's report as one JSON line. In-process tests call :func:`sft_step_report` with all rows.
+``--process-id``), feeds its own rows of the global batch, runs one accumulation cycle of the
+shared sharded SFT step and prints the report as one JSON line. In-process tests call :func:`sft_step_report` with all rows.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from rlhf_jax import models
 from rlhf_jax.configs import MeshConfig, OptimizerConfig
 from rlhf_jax.sharding import DEFAULT_RULES, initialize_distributed, make_mesh, shard_batch
 from rlhf_jax.steps import make_sft_step
-from rlhf_jax.train_state import create_train_state, make_optimizer, shardings_of
+from rlhf_jax.train_state import TrainState, create_train_state, make_optimizer, shardings_of
 from rlhf_jax.types import PairBatch, SFTBatch
 
 VOCAB = 128
@@ -63,23 +67,40 @@ def pair_batch(seed: int, batch: int = 8, length: int = 16) -> PairBatch:
                      rejected_response_mask_BT=rejected[2], margin_B=rng.random(batch, dtype=np.float32))
 
 
-MULTIHOST_MESH = MeshConfig(data=2, fsdp=2, tensor=2)
+SFT_MESH = MeshConfig(data=2, tensor=4)
+SFT_OPTIMIZER = OptimizerConfig(learning_rate=1e-2, total_steps=20, grad_accum_steps=2)
 
 
-def sft_step_report(mesh_cfg: MeshConfig, host_batch: SFTBatch) -> dict[str, float]:
-    """One SFT step on a fresh sharded state: loss, gradient norm and a checksum of the new params."""
+@functools.cache
+def sft_setup() -> tuple[Mesh, optax.GradientTransformation, TrainState, Callable]:
+    """The 2x4 mesh, optimizer, initial state and jitted SFT step that several tests share (one compile).
+
+    The step donates its input state: start runs from ``copy_state(initial)``.
+    """
     cfg = tiny_model_config()
-    mesh = make_mesh(mesh_cfg)
-    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, total_steps=10))
+    mesh = make_mesh(SFT_MESH)
+    optimizer = make_optimizer(SFT_OPTIMIZER)
     state = create_train_state(lambda: models.init_params(cfg, jax.random.key(0)), optimizer, mesh, DEFAULT_RULES,
                                models.param_logical_axes(cfg))
-    step = make_sft_step(cfg, optimizer, shardings_of(state), mesh, DEFAULT_RULES)
-    batch = shard_batch(host_batch, mesh, DEFAULT_RULES)
-    state, metrics = step(state, batch)
-    checksum = jax.jit(lambda p: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p)), out_shardings=None)(state.params)
+    return mesh, optimizer, state, make_sft_step(cfg, optimizer, shardings_of(state), mesh, DEFAULT_RULES)
+
+
+def copy_state(state: TrainState) -> TrainState:
+    """Fresh buffers with the same shardings (a donated step may then consume them)."""
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), state)
+
+
+def sft_step_report(host_batch: SFTBatch) -> dict[str, float]:
+    """One accumulation cycle (2 micro-steps, 1 update) on this process's rows: loss, grad norm, params checksum."""
+    mesh, _, initial, step = sft_setup()
+    state, batch = copy_state(initial), shard_batch(host_batch, mesh, DEFAULT_RULES)
+    state, first = step(state, batch)
+    state, second = step(state, batch)
+    checksum = jax.jit(lambda p: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p)))(state.params)
     global_ids = multihost_utils.process_allgather(batch.input_ids_BT, tiled=True)
-    return {"loss": float(metrics["sft/loss"].mean()), "grad_norm": float(metrics["optim/grad_norm"].mean()),
-            "param_abs_sum": float(checksum), "ids_sum_by_row": np.asarray(global_ids).sum(1).tolist(),
+    return {"loss": float(first["sft/loss"].mean()), "grad_norm": float(second["optim/grad_norm"].mean()),
+            "param_abs_sum": float(checksum),
+            "ids_sum_by_row": np.asarray(global_ids).sum(1).tolist(),
             "process_count": jax.process_count(), "device_count": jax.device_count()}
 
 
@@ -93,7 +114,7 @@ def main() -> None:
     full = sft_batch(seed=0)
     rows = len(full.input_ids_BT) // args.num_processes
     local = jax.tree.map(lambda x: x[args.process_id * rows:(args.process_id + 1) * rows], full)
-    print("REPORT " + json.dumps(sft_step_report(MULTIHOST_MESH, local)), flush=True)
+    print("REPORT " + json.dumps(sft_step_report(local)), flush=True)
     jax.distributed.shutdown()
 
 

@@ -11,14 +11,12 @@ from rlhf_jax.configs import CheckpointConfig, MeshConfig, OptimizerConfig
 from rlhf_jax.data.iterator import BatchIterator
 from rlhf_jax.metrics import to_floats
 from rlhf_jax.sharding import DEFAULT_RULES, make_mesh, shard_batch
-from rlhf_jax.steps import make_sft_step
-from rlhf_jax.train_state import abstract_train_state, create_train_state, make_optimizer, shardings_of
+from rlhf_jax.train_state import abstract_train_state, shardings_of
 
-from mesh_case import sft_batch, tiny_model_config
+from mesh_case import SFT_OPTIMIZER, copy_state, sft_batch, sft_setup, tiny_model_config
 
 CFG = tiny_model_config()
 AXES = models.param_logical_axes(CFG)
-OPTIMIZER_CFG = OptimizerConfig(learning_rate=1e-2, warmup_steps=2, total_steps=20, grad_accum_steps=2)
 POOL = sft_batch(seed=11, batch=24)  # the data set: 24 rows
 
 
@@ -41,18 +39,9 @@ def _run(state, step, iterator, key, mesh, steps):
     return state, key, history
 
 
-@pytest.fixture(scope="module")
-def sft_run():
-    mesh = make_mesh(MeshConfig(data=2, tensor=4))
-    optimizer = make_optimizer(OPTIMIZER_CFG)
-    state = create_train_state(_init, optimizer, mesh, DEFAULT_RULES, AXES)
-    step = make_sft_step(CFG, optimizer, shardings_of(state), mesh, DEFAULT_RULES)
-    return mesh, optimizer, state, step
-
-
-def test_resume_reproduces_the_uninterrupted_run_bitwise(sft_run, tmp_path):
-    mesh, optimizer, initial, step = sft_run
-    fresh = lambda: jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), initial)  # steps donate
+def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
+    mesh, optimizer, initial, step = sft_setup()  # 2 data x 4 tensor, gradients accumulated over 2 micro-steps
+    fresh = lambda: copy_state(initial)
 
     full_state, _, full_history = _run(fresh(), step, _iterator(), jax.random.key(42), mesh, steps=6)
 
@@ -61,7 +50,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(sft_run, tmp_path):
     for i in range(1, 6):  # the interrupted run saves at step 3 and keeps stepping (donating) while it writes
         state, key, h = _run(state, step, it, key, mesh, steps=1)
         history += h
-        save(manager, i, state, rng=key, data_state=it.get_state(), config={"optimizer": dataclasses.asdict(OPTIMIZER_CFG)})
+        save(manager, i, state, rng=key, data_state=it.get_state(), config={"optimizer": dataclasses.asdict(SFT_OPTIMIZER)})
     manager.wait_until_finished()
     assert manager.all_steps() == [1, 3]  # orbax always keeps the first save, then every save_every steps
     assert history == full_history[:5]
@@ -69,7 +58,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(sft_run, tmp_path):
     restored = restore(make_checkpoint_manager(CheckpointConfig(directory=str(tmp_path / "ckpt"))),
                        abstract_train_state(_init, optimizer, mesh, DEFAULT_RULES, AXES))
     assert restored.step == 3 and restored.data_state == {"seed": 3, "epoch": 1, "index": 0}
-    assert OptimizerConfig(**restored.config["optimizer"]) == OPTIMIZER_CFG
+    assert OptimizerConfig(**restored.config["optimizer"]) == SFT_OPTIMIZER
     it = _iterator()
     it.set_state(restored.data_state)
     state, _, resumed_history = _run(restored.state, step, it, restored.rng, mesh, steps=3)
@@ -80,9 +69,9 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(sft_run, tmp_path):
     assert shardings_of(state) == shardings_of(full_state)
 
 
-def test_restore_onto_a_different_mesh(sft_run, tmp_path):
-    mesh, optimizer, initial, step = sft_run
-    state = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), initial)
+def test_restore_onto_a_different_mesh(tmp_path):
+    mesh, optimizer, initial, step = sft_setup()
+    state = copy_state(initial)
     for seed in range(3):  # accumulate once, update once, accumulate again: every optimizer slot is non-trivial
         state, _ = step(state, shard_batch(sft_batch(seed), mesh, DEFAULT_RULES))
     fsdp_state = jax.device_put(state, shardings_of(abstract_train_state(  # the run that saves used 8-way FSDP
@@ -103,8 +92,8 @@ def test_restore_onto_a_different_mesh(sft_run, tmp_path):
     assert np.isfinite(float(metrics["sft/loss"].mean()))
 
 
-def test_save_interval_and_retention(sft_run, tmp_path):
-    _, _, initial, _ = sft_run
+def test_save_interval_and_retention(tmp_path):
+    _, _, initial, _ = sft_setup()
     manager = make_checkpoint_manager(CheckpointConfig(directory=str(tmp_path / "ckpt"), save_every=2, max_to_keep=2))
     saved = [save(manager, i, initial, rng=jax.random.key(0), data_state={}, config={}) for i in range(1, 7)]
     assert saved == [True, True, False, True, False, True]
@@ -115,8 +104,8 @@ def test_save_interval_and_retention(sft_run, tmp_path):
         restore(make_checkpoint_manager(CheckpointConfig(directory=str(tmp_path / "empty"))), initial)
 
 
-def test_export_hf_from_a_sharded_state(sft_run, tmp_path):
-    _, _, initial, _ = sft_run
+def test_export_hf_from_a_sharded_state(tmp_path):
+    _, _, initial, _ = sft_setup()
     export_hf(tmp_path / "hf", CFG, initial.params)
     cfg, params = models.load_pretrained(tmp_path / "hf")
     assert cfg == CFG

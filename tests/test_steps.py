@@ -15,7 +15,7 @@ from rlhf_jax.steps import (dpo_objective, make_dpo_step, make_eval_step, make_p
                             make_sft_step, ppo_objective, reward_objective, sft_objective)
 from rlhf_jax.train_state import create_train_state, make_optimizer, shardings_of
 
-from mesh_case import pair_batch, sft_batch, tiny_model_config
+from mesh_case import copy_state, pair_batch, sft_batch, sft_setup, tiny_model_config
 
 CFG = tiny_model_config()
 AXES = models.param_logical_axes(CFG)
@@ -77,21 +77,19 @@ def test_loss_and_grads_match_one_device(case, mesh_name):
 
 
 def test_sft_step_is_compiled_once_donates_and_learns():
-    mesh = make_mesh(MeshConfig(data=2, tensor=4))
-    optimizer = make_optimizer(OptimizerConfig(learning_rate=3e-3, total_steps=100))
-    state = create_train_state(lambda: _lm(0), optimizer, mesh, DEFAULT_RULES, AXES)
-    step = make_sft_step(CFG, optimizer, shardings_of(state), mesh, DEFAULT_RULES)
-    batch = shard_batch(sft_batch(5), mesh, DEFAULT_RULES)
+    mesh, _, initial, step = sft_setup()  # 2 data x 4 tensor, gradients accumulated over 2 micro-steps
+    state, batch = copy_state(initial), shard_batch(sft_batch(5), mesh, DEFAULT_RULES)
     losses_seen = []
-    for _ in range(4):
+    for _ in range(6):
         old = state
         state, metrics = step(state, batch)
         losses_seen.append(float(metrics["sft/loss"].mean()))
         assert old.params["layers"]["mlp"]["up"]["kernel"].is_deleted()  # the state was donated
     assert step._cache_size() == 1
-    assert int(state.step) == 4
+    assert int(state.step) == 6
+    assert losses_seen[1] == losses_seen[0]  # the first micro-step only accumulates
     assert losses_seen[-1] < losses_seen[0] - 0.05, losses_seen
-    assert state.params["layers"]["mlp"]["up"]["kernel"].sharding == shardings_of(state).params["layers"]["mlp"]["up"]["kernel"]
+    assert shardings_of(state) == shardings_of(initial)
 
 
 def test_dpo_step_keeps_the_reference_frozen():

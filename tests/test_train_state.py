@@ -9,12 +9,11 @@ import pytest
 
 from rlhf_jax import models
 from rlhf_jax.configs import MeshConfig, OptimizerConfig
-from rlhf_jax.sharding import DEFAULT_RULES, make_mesh, per_device_bytes, shard_batch
-from rlhf_jax.steps import make_sft_step
+from rlhf_jax.sharding import DEFAULT_RULES, make_mesh, per_device_bytes
 from rlhf_jax.train_state import (abstract_train_state, create_train_state, make_optimizer, make_schedule,
                                   place_train_state, shardings_of)
 
-from mesh_case import sft_batch, tiny_model_config
+from mesh_case import tiny_model_config
 
 CFG = tiny_model_config()
 AXES = models.param_logical_axes(CFG)
@@ -41,7 +40,7 @@ def test_create_train_state_initialises_shards_in_place():
     assert int(state.step) == 0 and state.frozen == {}
 
 
-def test_place_loaded_params_as_policy_and_reference_then_step():
+def test_place_loaded_params_as_policy_and_reference():
     mesh = make_mesh(MeshConfig(data=2, tensor=4))
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=10))
     loaded = jax.device_get(_init())  # host arrays, as from models.load_pretrained
@@ -52,11 +51,11 @@ def test_place_loaded_params_as_policy_and_reference_then_step():
     # Reuse the device params as the reference too: still separate buffers, so donation is safe.
     state = place_train_state(state.params, optimizer, mesh, DEFAULT_RULES, AXES, frozen=state.params, frozen_axes=AXES)
     pointers = lambda x: {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
-    assert not pointers(state.params["embed"]["embedding"]) & pointers(state.frozen["embed"]["embedding"])
-    step = make_sft_step(CFG, optimizer, shardings_of(state), mesh, DEFAULT_RULES)
-    state, _ = step(state, shard_batch(sft_batch(0), mesh, DEFAULT_RULES))
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.frozen)):
+        assert not pointers(a) & pointers(b)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), loaded)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), loaded)
-    assert not np.array_equal(jax.device_get(state.params["embed"]["embedding"]), loaded["embed"]["embedding"])
+    assert state.opt_state[1][0].nu["layers"]["attn"]["q"]["kernel"].sharding == q.sharding
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine():
