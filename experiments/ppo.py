@@ -25,7 +25,7 @@ import numpy as np
 import tyro
 
 from rlhf_jax import checkpoint, kl, losses, models, rollout, steps, workflow
-from rlhf_jax.configs import CheckpointConfig, OptimizerConfig
+from rlhf_jax.configs import OptimizerConfig
 from rlhf_jax.data import BatchIterator, collate_prompts, encode_prompts, simulated
 from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.metrics import to_floats
@@ -80,6 +80,10 @@ class PPOConfig:
     lam: float = 0.95
     missing_eos_penalty: float | None = -1.0
     """Score given to responses that hit the length limit without EOS (None: keep the RM score)."""
+    advantage: Literal["gae", "rloo", "grpo"] = "gae"
+    """GAE on the critic, or a critic-free group baseline over ``samples_per_prompt`` samples (RLOO, GRPO)."""
+    samples_per_prompt: int = 4
+    """Responses per prompt for rloo / grpo (the rollout then has rollout_prompts × this rows)."""
     critic: Literal["value_head", "separate"] = "value_head"
     """Value head on the policy's backbone, or a separate critic initialised from the reward model."""
     eval_every: int = 20
@@ -114,15 +118,20 @@ def main(cfg: PPOConfig) -> dict:
 
     policy_loss = functools.partial(losses.ppo_policy_loss, clip_eps=cfg.clip_eps, entropy_coef=cfg.entropy_coef)
     value_loss = functools.partial(losses.value_loss, clip_range=cfg.value_clip)
+    grouped = cfg.advantage != "gae"
+    num_samples = cfg.samples_per_prompt if grouped else 1
+    score_options = (dict(num_samples=num_samples) if grouped else dict(gamma=cfg.gamma, lam=cfg.lam))
     score_step = steps.make_ppo_score_step(model_cfg, reward_cfg, state_sh, mesh, rules, critic_cfg=critic_cfg,
-                                           kl_estimator=cfg.kl.estimator, gamma=cfg.gamma, lam=cfg.lam,
-                                           missing_eos_penalty=cfg.missing_eos_penalty)
+                                           advantage_estimator=cfg.advantage, kl_estimator=cfg.kl.estimator,
+                                           missing_eos_penalty=cfg.missing_eos_penalty, **score_options)
     ppo_step = steps.make_ppo_step(model_cfg, optimizer, state_sh, mesh, rules, epochs=cfg.epochs,
                                    num_minibatches=cfg.num_minibatches, critic_cfg=critic_cfg,
-                                   policy_loss_fn=policy_loss, value_loss_fn=value_loss, vf_coef=cfg.vf_coef)
+                                   policy_loss_fn=policy_loss, value_loss_fn=value_loss,
+                                   vf_coef=0.0 if grouped else cfg.vf_coef)
     generate = functools.partial(rollout.generate, model_cfg, max_new_tokens=cfg.sample.max_new_tokens,
                                  temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
-                                 eos_ids=workflow.eos_ids(model_cfg, tokenizer), pad_id=tokenizer.pad_token_id)
+                                 eos_ids=workflow.eos_ids(model_cfg, tokenizer), pad_id=tokenizer.pad_token_id,
+                                 num_samples=num_samples)
 
     train_rows = workflow.rows_from(cfg.data, "prompt", "train", simulated.prompt_rows)
     eval_prompts = workflow.prompt_texts(workflow.rows_from(cfg.data, "prompt", "eval", simulated.prompt_rows))
@@ -139,8 +148,7 @@ def main(cfg: PPOConfig) -> dict:
     kl_ctl = (kl.AdaptiveKLController.create(cfg.kl.coef, target=cfg.kl.target, horizon=cfg.kl.horizon)
               if cfg.kl.adaptive else kl.FixedKLController.create(cfg.kl.coef))
     out = workflow.stage_dir(cfg.run, "ppo")
-    manager = checkpoint.make_checkpoint_manager(CheckpointConfig(directory=str(out / "checkpoints"),
-                                                                  save_every=cfg.run.save_every, async_save=False))
+    manager = workflow.open_checkpoints(out, cfg.run)
     start = 0
     if cfg.run.resume and manager.latest_step() is not None:
         restored = checkpoint.restore(manager, workflow.abstract_of(state))
@@ -170,10 +178,11 @@ def main(cfg: PPOConfig) -> dict:
             state, train_metrics = ppo_step(state, batch, jax.random.fold_in(it_key, 1))
             values = to_floats({**score_metrics, **train_metrics})
             new_tokens = float(np.asarray(r.lengths_B).sum())
-            kl_ctl = kl_ctl.update(values["rollout/kl"], cfg.rollout_prompts)
+            kl_ctl = kl_ctl.update(values["rollout/kl"], cfg.rollout_prompts * num_samples)
             values.update({"kl/coef": float(kl_ctl.value), "perf/gen_tokens_per_s": new_tokens / t_gen,
                            "perf/iteration_s": time.perf_counter() - t0})
             responses = workflow.decode_responses(tokenizer, r)
+            texts = [t for t in texts for _ in range(num_samples)]  # rows are prompts x samples
             if cfg.data.path is None:
                 values["rollout/gold"] = float(np.mean(workflow.gold_eval(texts, responses)))
             logger.log(it, values, print_keys=("rollout/score", "rollout/gold", "rollout/kl", "ppo/clipfrac",

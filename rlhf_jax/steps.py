@@ -189,34 +189,56 @@ def ppo_objective(params: Params, frozen: Params, batch: PPOBatch, *, model_cfg:
     return loss, {**metrics, **vf_metrics, **kl_metrics}
 
 
+GROUP_ADVANTAGES: dict[str, Callable[[jax.Array], jax.Array]] = {"rloo": advantages.rloo, "grpo": advantages.grpo}
+ADVANTAGE_ESTIMATORS = ("gae", *GROUP_ADVANTAGES)
+
+
 def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax.Array, *,
                   model_cfg: models.ModelConfig, reward_cfg: models.ModelConfig,
-                  critic_cfg: models.ModelConfig | None = None, kl_estimator: kl.Estimator = "k1",
-                  gamma: float = 1.0, lam: float = 0.95, whiten_advantages: bool = True,
-                  missing_eos_penalty: float | None = None) -> tuple[PPOBatch, Metrics]:
-    """Old log-probs, reference log-probs, values and reward-model scores of a rollout, then
-    per-token rewards ``score at the last token − kl_coef · KL_t`` and GAE (Ziegler et al. 2019;
-    Huang et al. 2024). Reads ``frozen["reference"]`` and ``frozen["reward"]``; no gradients.
+                  critic_cfg: models.ModelConfig | None = None, advantage_estimator: str = "gae",
+                  num_samples: int = 1, kl_estimator: kl.Estimator = "k1", gamma: float = 1.0, lam: float = 0.95,
+                  whiten_advantages: bool = True, missing_eos_penalty: float | None = None
+                  ) -> tuple[PPOBatch, Metrics]:
+    """Old log-probs, reference log-probs, values and reward-model scores of a rollout, then advantages.
+
+    Reads ``frozen["reference"]`` and ``frozen["reward"]``; no gradients. Responses without EOS get
+    ``missing_eos_penalty`` instead of their score when it is set (lm-human-preferences: −1).
+
+    - ``"gae"``: per-token rewards ``score at the last token − kl_coef · KL_t`` and GAE on the
+      values (Ziegler et al. 2019; Huang et al. 2024), advantages whitened over the batch.
+    - ``"rloo"`` / ``"grpo"``: critic-free. Sequence reward ``R = score − kl_coef · Σ_t KL_t``, a
+      baseline from the other samples of the same prompt (``num_samples`` adjacent rows, as
+      ``rollout.generate`` lays them out; Ahmadian et al. 2024 / Shao et al. 2024), the same
+      advantage on every response token. Values and returns are 0: train with ``vf_coef=0``.
     """
+    if advantage_estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got {advantage_estimator!r}")
     ids_BT, attention_BT = rollout.sequences_BT, rollout.attention_mask_BT
     mask_BT = jnp.pad(rollout.response_mask_BT[:, 1:], ((0, 0), (0, 1)))
     logps_BT, _, values_BT = _policy_and_values(params, ids_BT, attention_BT, model_cfg=model_cfg, critic_cfg=critic_cfg)
     ref_logps_BT = token_logps(model_cfg, frozen["reference"], ids_BT, attention_BT)
     scores_B = reward_scores(reward_cfg, frozen["reward"], ids_BT, attention_BT)
+    if missing_eos_penalty is not None:
+        scores_B = jnp.where(rollout.has_eos_B, scores_B, jnp.float32(missing_eos_penalty))
     kl_BT = kl.kl_penalty(logps_BT, ref_logps_BT, estimator=kl_estimator)
-    rewards_BT = advantages.per_token_rewards(scores_B, kl_BT, mask_BT, kl_coef=kl_coef,
-                                              missing_eos_penalty=missing_eos_penalty, has_eos_B=rollout.has_eos_B)
-    advantages_BT, returns_BT = advantages.gae(rewards_BT, values_BT, mask_BT, gamma=gamma, lam=lam)
-    if whiten_advantages:
-        advantages_BT = advantages.whiten_advantages(advantages_BT, mask_BT)
-    batch = PPOBatch(input_ids_BT=ids_BT, attention_mask_BT=attention_BT, response_mask_BT=mask_BT,
-                     old_logps_BT=logps_BT, ref_logps_BT=ref_logps_BT, old_values_BT=values_BT,
-                     advantages_BT=advantages_BT, returns_BT=returns_BT)
-    batch = jax.lax.stop_gradient(batch)
+    kl_B = ops.masked_sum(kl_BT, mask_BT, axis=-1)
+    if advantage_estimator == "gae":
+        rewards_BT = advantages.per_token_rewards(scores_B, kl_BT, mask_BT, kl_coef=kl_coef)
+        advantages_BT, returns_BT = advantages.gae(rewards_BT, values_BT, mask_BT, gamma=gamma, lam=lam)
+        if whiten_advantages:
+            advantages_BT = advantages.whiten_advantages(advantages_BT, mask_BT)
+    else:
+        rewards_B = scores_B - kl_coef * kl_B
+        advantages_B = GROUP_ADVANTAGES[advantage_estimator](rewards_B.reshape(-1, num_samples)).reshape(-1)
+        advantages_BT = advantages_B[:, None] * mask_BT
+        values_BT = returns_BT = jnp.zeros_like(logps_BT)
+    batch = jax.lax.stop_gradient(PPOBatch(
+        input_ids_BT=ids_BT, attention_mask_BT=attention_BT, response_mask_BT=mask_BT, old_logps_BT=logps_BT,
+        ref_logps_BT=ref_logps_BT, old_values_BT=values_BT, advantages_BT=advantages_BT, returns_BT=returns_BT))
     metrics = {
         "rollout/score": Metric.mean_of(scores_B),
-        "rollout/kl": Metric.mean_of(ops.masked_sum(kl_BT, mask_BT, axis=-1)),
-        "rollout/non_score_reward": Metric.mean_of(ops.masked_sum(rewards_BT, mask_BT, axis=-1) - scores_B),
+        "rollout/kl": Metric.mean_of(kl_B),
+        "rollout/non_score_reward": Metric.mean_of(-kl_coef * kl_B),
         "rollout/response_length": Metric.mean_of(jnp.sum(mask_BT, axis=-1)),
         "rollout/has_eos": Metric.mean_of(rollout.has_eos_B),
     }
@@ -278,7 +300,8 @@ def make_dpo_step(model_cfg: models.ModelConfig, optimizer: optax.GradientTransf
 
 def make_ppo_score_step(model_cfg: models.ModelConfig, reward_cfg: models.ModelConfig, state_shardings: TrainState,
                         mesh: Mesh, rules: Rules, **score_options) -> Step:
-    """``(ppo_batch, metrics) = score(state, rollout, kl_coef)``, jitted (see :func:`score_rollout`)."""
+    """``(ppo_batch, metrics) = score(state, rollout, kl_coef)``, jitted; ``score_options`` go to
+    :func:`score_rollout` (``advantage_estimator``, ``num_samples``, ``gamma``, ``lam``, ...)."""
     def score(state: TrainState, rollout: Rollout, kl_coef: jax.Array) -> tuple[PPOBatch, Metrics]:
         return score_rollout(state.params, state.frozen, rollout, kl_coef, model_cfg=model_cfg,
                              reward_cfg=reward_cfg, **score_options)

@@ -191,6 +191,17 @@ def prompt_texts(rows: Sequence[Any]) -> list[str]:
 # --- The train loop -------------------------------------------------------------------------------
 
 
+def open_checkpoints(out: pathlib.Path, run: RunArgs):
+    """The stage's orbax manager. Refuses, before any compute, to start over a folder that already
+    holds checkpoints unless ``run.resume`` says to continue from them."""
+    manager = checkpoint.make_checkpoint_manager(CheckpointConfig(directory=str(out / "checkpoints"),
+                                                                  save_every=run.save_every, async_save=False))
+    if not run.resume and manager.latest_step() is not None:
+        raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints (newest: step {manager.latest_step()}): "
+                              f"pass --run.resume to continue from it, or choose another --run.out")
+    return manager
+
+
 def abstract_of(state: TrainState) -> TrainState:
     """Shapes, dtypes and shardings of a live state: the restore target for a checkpoint."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -207,8 +218,7 @@ def train_loop(*, stage: str, run: RunArgs, state: TrainState, step_fn: Callable
     Returns the final state and the last evaluation.
     """
     out = stage_dir(run, stage)
-    manager = checkpoint.make_checkpoint_manager(CheckpointConfig(directory=str(out / "checkpoints"),
-                                                                  save_every=run.save_every, async_save=False))
+    manager = open_checkpoints(out, run)
     rng = jax.random.key(run.seed)
     start = 0
     if run.resume and manager.latest_step() is not None:

@@ -1,0 +1,171 @@
+"""The experiment scripts, end to end, in subprocesses, on the embedded default with small budgets.
+
+One small pipeline run (module fixture) is shared: its report and results are checked, its
+exports are loaded in transformers, each script's CLI runs against its outputs, and a PPO run is
+killed and resumed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+
+# Small but real: enough SFT for fluent templated text, a reward model well above chance, and a few
+# PPO iterations. Seeds are fixed, so the outcome below is deterministic on a given machine.
+PIPELINE_ARGS = [
+    "--sft.steps", "160", "--sft.eval-every", "160", "--sft.num-eval-samples", "0",
+    "--rm.steps", "120", "--rm.eval-every", "120", "--rm.normalize-samples", "128",
+    "--rm.data.num-train", "3840", "--rm.data.num-eval", "256",
+    "--ppo.iterations", "12", "--ppo.rollout-prompts", "32", "--ppo.eval-every", "12",
+    "--ppo.num-eval-prompts", "128", "--ppo.run.save-every", "6",
+    "--dpo.steps", "40", "--dpo.eval-every", "40", "--dpo.num-eval-prompts", "128",
+    "--dpo.data.num-train", "1280", "--dpo.data.num-eval", "128",
+    "--bon.n", "4", "--bon.num-eval-prompts", "128",
+]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the scripts run on one CPU device like a user's laptop
+    env["HF_HUB_OFFLINE"] = "1"
+    env.setdefault("RLHF_JAX_COMPILE_CACHE", str(ROOT / ".cache" / "jax_scripts"))
+    return env
+
+
+def _run(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / script), *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    _run("pipeline.py", "--out", str(out), *PIPELINE_ARGS, timeout=1500)
+    return out
+
+
+def test_pipeline_writes_report_and_ppo_beats_sft(pipeline_run):
+    report = (pipeline_run / "report.md").read_text()
+    results = json.loads((pipeline_run / "results.json").read_text())
+    methods = {row["method"]: row for row in results["table"]}
+    assert {"SFT", "PPO", "DPO", "best-of-4"} <= set(methods), methods
+    for png in ("gold_vs_kl.png", "training_curves.png"):
+        assert (pipeline_run / png).stat().st_size > 1000
+    assert "Reward model held-out accuracy" in report and "| PPO |" in report
+    # The reward model learned the annotator's preferences (chance is 0.5, the ceiling about 0.9).
+    assert results["rm"]["accuracy"] > 0.7
+    # PPO improved the policy as judged by the gold scorer, not just by its reward model.
+    assert methods["PPO"]["gold"] > methods["SFT"]["gold"] + 0.3
+    assert methods["PPO"]["win_rate"] > 0.6
+    assert methods["PPO"]["kl"] > 0.0
+    # best-of-n's KL is the closed form log n - (n-1)/n.
+    assert methods["best-of-4"]["kl"] == pytest.approx(np.log(4) - 3 / 4, rel=1e-6)
+
+
+def test_stage_outputs(pipeline_run):
+    for stage in ("sft", "rm", "ppo", "dpo"):
+        folder = pipeline_run / stage
+        assert (folder / "eval.json").exists(), stage
+        assert any(folder.glob("events.out.tfevents.*")), f"{stage}: no TensorBoard events"
+        assert (folder / "metrics.jsonl").stat().st_size > 0
+        assert (folder / "checkpoints").is_dir()
+        assert (folder / "hf" / "config.json").exists()
+    ppo_metrics = [json.loads(line) for line in (pipeline_run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    logged = [m for m in ppo_metrics if "rollout/score" in m]
+    assert [m["step"] for m in logged] == list(range(1, 13))
+    for key in ("rollout/gold", "rollout/kl", "ppo/entropy", "ppo/clipfrac", "vf/loss", "vf/explained_variance",
+                "rollout/response_length", "perf/gen_tokens_per_s", "ppo/approx_kl_k3"):
+        assert key in logged[-1], key
+    assert (pipeline_run / "ppo" / "samples.md").read_text().count("## iteration") >= 2
+
+
+def test_exported_policy_loads_in_transformers(pipeline_run):
+    import torch
+    import transformers
+
+    from rlhf_jax import models
+
+    hf_dir = pipeline_run / "ppo" / "hf"
+    cfg, params = models.load_pretrained(hf_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ids = tok(["Customer: My order 1234 has not arrived yet.\nAgent: I'm sorry"], return_tensors="np")
+    ours = np.asarray(models.forward(cfg, params, ids["input_ids"], ids["attention_mask"]))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids["input_ids"]), attention_mask=torch.tensor(ids["attention_mask"])).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_each_script_cli(pipeline_run, tmp_path):
+    """Every script runs alone from the command line with tiny arguments (on a copy of the run)."""
+    out = tmp_path / "run"
+    shutil.copytree(pipeline_run / "sft" / "hf", out / "sft" / "hf")
+    shutil.copytree(pipeline_run / "rm" / "hf", out / "rm" / "hf")
+    common = ["--run.out", str(out)]
+    _run("sft.py", *common, "--steps", "4", "--eval-every", "4", "--num-eval-samples", "8", "--batch-size", "8",
+         "--data.num-train", "64", "--data.num-eval", "16", "--run.out", str(tmp_path / "fresh"))
+    assert (tmp_path / "fresh" / "sft" / "hf" / "model.safetensors").exists()
+    _run("reward_model.py", *common, "--steps", "3", "--eval-every", "3", "--batch-size", "8",
+         "--normalize-samples", "16", "--data.num-train", "64", "--data.num-eval", "16", "--loss", "bt_centered",
+         "--run.out", str(tmp_path / "rm_only"), "--model.path", str(out / "sft" / "hf"))
+    assert json.loads((tmp_path / "rm_only" / "rm" / "eval.json").read_text())["gain"] > 0
+    _run("ppo.py", *common, "--iterations", "2", "--rollout-prompts", "8", "--num-minibatches", "2",
+         "--epochs", "1", "--eval-every", "2", "--num-eval-prompts", "8", "--critic", "separate", "--kl.adaptive")
+    _run("dpo.py", *common, "--steps", "3", "--eval-every", "3", "--batch-size", "8", "--variant", "ipo",
+         "--data.num-train", "64", "--data.num-eval", "16", "--num-eval-prompts", "8")
+    assert (out / "dpo_ipo" / "hf" / "model.safetensors").exists()
+    proc = _run("best_of_n.py", *common, "--n", "2", "--num-eval-prompts", "8")
+    assert "n=2" in proc.stdout
+
+
+def test_pipeline_resumes_after_kill_during_ppo(pipeline_run, tmp_path):
+    """Killed during PPO and restarted with --resume: finished stages are kept, PPO continues from its
+    newest checkpoint and completes every iteration exactly once after it."""
+    out = tmp_path / "run"
+    for stage in ("sft", "rm"):
+        shutil.copytree(pipeline_run / stage, out / stage)
+    args = ["--out", str(out), "--resume", *PIPELINE_ARGS, "--ppo.iterations", "8", "--ppo.run.save-every", "2",
+            "--ppo.eval-every", "8", "--skip-dpo", "--skip-best-of-n"]
+    proc = subprocess.Popen([sys.executable, str(EXPERIMENTS / "pipeline.py"), *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ckpts = out / "ppo" / "checkpoints"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            steps = [int(p.name) for p in ckpts.glob("[0-9]*")] if ckpts.exists() else []
+            if steps and max(steps) >= 4:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"pipeline ended before it could be killed:\n{proc.stdout.read()[-3000:]}")
+            time.sleep(0.5)
+        else:
+            pytest.fail("no PPO checkpoint within 10 minutes")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    saved = max(int(p.name) for p in ckpts.glob("[0-9]*"))
+    assert not (out / "ppo" / "eval.json").exists()
+
+    resumed = _run("pipeline.py", *args, timeout=900)
+    assert "SFT: finished earlier, kept" in resumed.stdout
+    assert f"[ppo] resumed from iteration {saved}" in resumed.stdout
+    logged = [json.loads(line)["step"] for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()
+              if "rollout/score" in line]
+    assert saved < 8, "killed too late to test resuming"
+    assert logged[-(8 - saved):] == list(range(saved + 1, 9))  # the resumed run's iterations, once each
+    assert (out / "ppo" / "eval.json").exists() and (out / "ppo" / "hf" / "model.safetensors").exists()
