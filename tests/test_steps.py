@@ -12,7 +12,7 @@ from rlhf_jax.configs import MeshConfig, OptimizerConfig
 from rlhf_jax.metrics import to_floats
 from rlhf_jax.sharding import DEFAULT_RULES, logical_to_sharding, make_mesh, replicated, shard_batch
 from rlhf_jax.steps import (dpo_objective, make_dpo_step, make_eval_step, make_ppo_score_step, make_ppo_step,
-                            make_sft_step, ppo_objective, reward_objective, sft_objective)
+                            make_sft_step, ppo_objective, reward_objective, reward_scores, sft_objective)
 from rlhf_jax.train_state import create_train_state, make_optimizer, shardings_of
 
 from mesh_case import copy_state, pair_batch, sft_batch, sft_setup, tiny_model_config
@@ -119,8 +119,8 @@ def ppo_setup():
     prompt_mask[:2, :2] = 0  # two left-padded prompts
     prompts = prompts * prompt_mask
     policy = _lm(0)
-    sample = rollout.generate(CFG, policy, jnp.asarray(prompts), jnp.asarray(prompt_mask), key=jax.random.key(8),
-                              max_new_tokens=8, eos_ids=(3,), num_samples=2)
+    sample = rollout.generate(CFG, policy, jnp.asarray(prompts), jnp.asarray(prompt_mask), key=jax.random.key(0),
+                              max_new_tokens=8, eos_ids=tuple(range(3, 14)), num_samples=2)
     return mesh, jax.device_get(sample)
 
 
@@ -183,3 +183,24 @@ def test_ppo_epochs_and_minibatches_with_a_separate_critic(ppo_setup):
     with pytest.raises(ValueError, match="does not split into 3 minibatches"):
         make_ppo_step(CFG, optimizer, shardings, mesh, DEFAULT_RULES, epochs=1, num_minibatches=3)(
             state, ppo_batch, jax.random.key(2))
+
+
+def test_rloo_scoring_gives_each_prompts_samples_opposite_constant_advantages(ppo_setup):
+    mesh, sample = ppo_setup  # 4 prompts x 2 adjacent samples
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=100))
+    state = _ppo_state(mesh, optimizer, separate_critic=False)
+    score = make_ppo_score_step(CFG, CFG, shardings_of(state), mesh, DEFAULT_RULES, advantage_estimator="rloo",
+                                num_samples=2, missing_eos_penalty=-1.0)
+    assert 0 < sample.has_eos_B.sum() < len(sample.has_eos_B)  # both kinds of response, so both paths are seen
+    batch, metrics = score(state, shard_batch(sample, mesh, DEFAULT_RULES), jnp.float32(0.0))
+    mask = np.asarray(batch.response_mask_BT)
+    adv = np.asarray(batch.advantages_BT)
+    assert np.all(adv[mask == 0] == 0)
+    per_row = np.array([np.unique(a[m > 0]).item() for a, m in zip(adv, mask)])  # one value per response
+    scores = np.asarray(reward_scores(CFG, jax.device_get(state.frozen["reward"]), sample.sequences_BT,
+                                      sample.attention_mask_BT))
+    scores = np.where(sample.has_eos_B, scores, -1.0)
+    np.testing.assert_allclose(per_row[0::2], scores[0::2] - scores[1::2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(per_row[1::2], -per_row[0::2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["rollout/score"].mean()), scores.mean(), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(batch.returns_BT), 0.0)
