@@ -131,7 +131,9 @@ def shard_batch(host_batch: Any, mesh: Mesh, rules: Rules) -> Any:
     """Host-local numpy batch (this process's rows) -> global jax Arrays split along the batch axis.
 
     Every process passes its own rows; the global batch is their concatenation in process order
-    (``jax.make_array_from_process_local_data``), so the same call works on one host or many.
+    (``jax.make_array_from_process_local_data``), so the same call works on one host or many. This
+    holds when the processes split the batch axes (``data`` / ``fsdp`` across hosts, ``tensor``
+    within a host: the device order of :func:`make_mesh`).
     """
     sharding = batch_sharding(mesh, rules)
     shards = math.prod(mesh.shape[a] for a in _as_tuple(sharding.spec[0]))

@@ -9,8 +9,9 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from rlhf_jax import models
 from rlhf_jax.configs import MeshConfig
-from rlhf_jax.sharding import (DATA_PARALLEL_RULES, DEFAULT_RULES, FSDP_RULES, batch_sharding, logical_to_sharding,
-                               logical_to_spec, make_mesh, per_device_bytes, shard_batch, with_logical_constraint)
+from rlhf_jax.sharding import (DATA_PARALLEL_RULES, DEFAULT_RULES, FSDP_RULES, batch_sharding, initialize_distributed,
+                               logical_to_sharding, logical_to_spec, make_mesh, per_device_bytes, shard_batch,
+                               with_logical_constraint)
 
 from mesh_case import tiny_model_config
 
@@ -88,3 +89,10 @@ def test_model_parameters_are_really_split(mesh_cfg, shards):
         assert per_device_bytes(x) * shards == x.nbytes, (path, x.sharding.spec)
     norm = params["final_norm"]["scale"]
     assert per_device_bytes(norm) == norm.nbytes  # small vectors stay replicated
+
+
+def test_initialize_distributed_is_a_no_op_without_a_coordinator(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "RLHF_JAX_AUTO_DISTRIBUTED"):
+        monkeypatch.delenv(name, raising=False)
+    assert initialize_distributed() is False
+    assert jax.process_count() == 1
