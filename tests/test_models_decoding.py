@@ -92,10 +92,9 @@ def test_cached_decoding_equals_full_forward(models_by_family, family):
 
 def test_cache_overflow_is_an_error(models_by_family):
     cfg, params, _ = models_by_family["llama"]
-    cache = models.init_cache(cfg, B, 2)
-    _, cache = models.prefill(cfg, params, np.ones((B, 2), np.int32), np.ones((B, 2), np.int32), cache)
-    with pytest.raises(ValueError, match="cache is full"):
-        models.decode_step(cfg, params, cache, np.ones((B,), np.int32))
+    full = models.init_cache(cfg, B, 4).replace(index=jnp.int32(4))
+    with pytest.raises(ValueError, match="cache is full: slot 4 \\+ 1 tokens > 4 slots"):
+        models.decode_step(cfg, params, full, np.ones((B,), np.int32))
     with pytest.raises(ValueError, match="learned positions"):
         models.init_cache(models_by_family["gpt2"][0], B, 65)
 
@@ -143,11 +142,6 @@ def test_param_tree_logical_axes_and_init(models_by_family):
         if cfg.tie_embeddings:
             assert "lm_head" not in params
         assert axes["layers"]["attn"]["k"]["kernel"] == ("layers", "embed", "kv_heads", "head_dim")
-    cfg = models_by_family["gpt_neox"][0]  # has biases and LayerNorm
-    params = jax.jit(models.init_params, static_argnums=0)(cfg, jax.random.key(0))
-    np.testing.assert_allclose(np.std(np.asarray(params["layers"]["mlp"]["up"]["kernel"])), 0.02, rtol=0.1)
-    np.testing.assert_array_equal(np.asarray(params["final_norm"]["scale"]), 1.0)
-    np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["q"]["bias"]), 0.0)
 
 
 def test_scalar_head(models_by_family):

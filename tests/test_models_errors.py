@@ -92,6 +92,15 @@ def test_tokenizer_larger_than_embedding_is_rejected(llama_dir):
         models.check_tokenizer(cfg, _tokenizer(VOCAB + 1), source="tok_dir")
 
 
+def test_decoding_rejects_batch_mismatch(llama_dir):
+    cfg, params = models.load_pretrained(llama_dir)
+    cache = models.init_cache(cfg, 2, 8)
+    with pytest.raises(ValueError, match=r"3 rows do not match a cache of 2 rows"):
+        models.prefill(cfg, params, np.ones((3, 4), np.int32), np.ones((3, 4), np.int32), cache)
+    with pytest.raises(ValueError, match=r"token_ids_B \(3,\) must be \(batch,\) = \(2,\)"):
+        models.decode_step(cfg, params, cache, np.ones((3,), np.int32))
+
+
 def test_forward_rejects_mismatched_shapes_and_overlong_learned_positions(tmp_path):
     cfg, params = models.load_pretrained(make_tiny_checkpoint("gpt2", tmp_path / "gpt2"))
     ids = np.ones((2, 5), np.int32)

@@ -99,10 +99,13 @@ def test_model_trained_from_scratch_exports_to_transformers(tmp_path):
     cfg = models.ModelConfig(
         model_type="llama", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
         mlp_dim=40, activation="silu", gated_mlp=True, norm_type="rms", norm_eps=1e-5, position_type="rope",
-        max_position_embeddings=64, qkv_bias=False, o_bias=False, mlp_bias=False, tie_embeddings=False,
+        max_position_embeddings=64, qkv_bias=True, o_bias=True, mlp_bias=False, tie_embeddings=False,
         rotary_dim=8, rope_theta=1000.0, rope_type="linear", rope_factor=2.0, initializer_range=0.3,
         eos_token_ids=(2,), pad_token_id=0)
-    params = models.init_params(cfg, jax.random.key(0))
+    params = jax.jit(models.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    np.testing.assert_allclose(np.std(np.asarray(params["layers"]["mlp"]["up"]["kernel"])), 0.3, rtol=0.05)
+    np.testing.assert_array_equal(np.asarray(params["layers"]["attn_norm"]["scale"]), 1.0)
+    np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["q"]["bias"]), 0.0)
     models.save_pretrained(tmp_path, cfg, params)
     ids, mask = _batch(seed=1)
     expected = hf_logits(load_hf_model(tmp_path), ids, mask)

@@ -22,10 +22,12 @@ and stay replicated under the default rules of ``rlhf_jax.sharding``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from rlhf_jax.models.config import ModelConfig
@@ -76,13 +78,20 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
     """Random parameters: kernels and embeddings ~ N(0, initializer_range²), norm scales 1, biases 0
-    (Hugging Face ``_init_weights`` for these families, without GPT-2's depth-scaled projections)."""
+    (Hugging Face ``_init_weights`` for these families, without GPT-2's depth-scaled projections).
+
+    All normal values come from ONE draw, split in table order: a single compiled RNG call instead
+    of one per leaf (each costs ~0.7 s of XLA compile time on CPU).
+    """
     specs = param_specs(cfg)
-    keys = dict(zip(specs, jax.random.split(key, len(specs))))
+    normal = [path for path, s in specs.items() if s.init == "normal"]
+    sizes = [math.prod(specs[path].shape) for path in normal]
+    flat = cfg.initializer_range * jax.random.normal(key, (sum(sizes),), jnp.float32)
+    chunks = dict(zip(normal, jnp.split(flat, np.cumsum(sizes)[:-1])))
 
     def make(path: str, spec: ParamSpec) -> jax.Array:
         if spec.init == "normal":
-            return (cfg.initializer_range * jax.random.normal(keys[path], spec.shape, jnp.float32)).astype(dtype)
+            return chunks[path].reshape(spec.shape).astype(dtype)
         return (jnp.ones if spec.init == "ones" else jnp.zeros)(spec.shape, dtype)
 
     return traverse_util.unflatten_dict({path: make(path, s) for path, s in specs.items()}, sep="/")
