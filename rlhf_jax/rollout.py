@@ -1,7 +1,8 @@
 """Sampling from a decoder LM: one prefill pass, then a KV-cached decode loop in ``lax.while_loop``.
 
-``generate`` is the single entry point; it is jitted with every sampling option static, so each
-(batch, prompt length, options) combination compiles once.
+``generate`` is the single entry point: it checks its arguments on the host, then calls one jitted
+function with every sampling option static, so each (batch, prompt length, options) combination
+compiles once.
 
 Layout of a :class:`Rollout` (B = prompts × num_samples, P = prompt length, R = max_new_tokens)::
 
