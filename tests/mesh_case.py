@@ -2,7 +2,8 @@
 
 As a script it joins a ``jax.distributed`` run (``--coordinator``, ``--num-processes``,
 ``--process-id``), feeds its own rows of the global batch, runs one accumulation cycle of the
-shared sharded SFT step and prints the report as one JSON line. In-process tests call :func:`sft_step_report` with all rows.
+shared sharded SFT step, exports the result (HF format, written by process 0), places host
+parameters on the global mesh, and prints a report as one JSON line. In-process tests call :func:`sft_step_report` with all rows.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rlhf_jax import models
+from rlhf_jax.checkpoint import export_hf
 from rlhf_jax.configs import MeshConfig, OptimizerConfig
 from rlhf_jax.sharding import DEFAULT_RULES, initialize_distributed, make_mesh, shard_batch
 from rlhf_jax.steps import make_sft_step
-from rlhf_jax.train_state import TrainState, create_train_state, make_optimizer, shardings_of
+from rlhf_jax.train_state import TrainState, create_train_state, make_optimizer, place_train_state, shardings_of
 from rlhf_jax.types import PairBatch, SFTBatch
 
 VOCAB = 128
@@ -90,12 +92,14 @@ def copy_state(state: TrainState) -> TrainState:
     return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), state)
 
 
-def sft_step_report(host_batch: SFTBatch) -> dict[str, float]:
-    """One accumulation cycle (2 micro-steps, 1 update) on this process's rows: loss, grad norm, params checksum."""
+def sft_step_report(host_batch: SFTBatch, export_dir: str) -> dict[str, float]:
+    """One accumulation cycle (2 micro-steps, 1 update) on this process's rows: loss, grad norm, params
+    checksum; the updated params are exported as a Hugging Face checkpoint to ``export_dir``."""
     mesh, _, initial, step = sft_setup()
     state, batch = copy_state(initial), shard_batch(host_batch, mesh, DEFAULT_RULES)
     state, first = step(state, batch)
     state, second = step(state, batch)
+    export_hf(export_dir, tiny_model_config(), state.params)
     checksum = jax.jit(lambda p: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p)))(state.params)
     global_ids = multihost_utils.process_allgather(batch.input_ids_BT, tiled=True)
     return {"loss": float(first["sft/loss"].mean()), "grad_norm": float(second["optim/grad_norm"].mean()),
@@ -109,12 +113,20 @@ def main() -> None:
     parser.add_argument("--coordinator", required=True)
     parser.add_argument("--num-processes", type=int, required=True)
     parser.add_argument("--process-id", type=int, required=True)
+    parser.add_argument("--export-dir", required=True)
     args = parser.parse_args()
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, timeout_s=60)
     full = sft_batch(seed=0)
     rows = len(full.input_ids_BT) // args.num_processes
     local = jax.tree.map(lambda x: x[args.process_id * rows:(args.process_id + 1) * rows], full)
-    print("REPORT " + json.dumps(sft_step_report(local)), flush=True)
+    report = sft_step_report(local, args.export_dir)
+    # Loaded (host) parameters placed on the global mesh by every process hold the same values.
+    cfg, (mesh, optimizer, _, _) = tiny_model_config(), sft_setup()
+    loaded = jax.device_get(models.init_params(cfg, jax.random.key(0)))
+    placed = place_train_state(loaded, optimizer, mesh, DEFAULT_RULES, models.param_logical_axes(cfg))
+    gathered = multihost_utils.process_allgather(placed.params, tiled=True)
+    report["placed_params_match"] = all(map(np.array_equal, jax.tree.leaves(gathered), jax.tree.leaves(loaded)))
+    print("REPORT " + json.dumps(report), flush=True)
     jax.distributed.shutdown()
 
 
