@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from hf_fixtures import VOCAB, hf_logits, load_hf_model, make_tiny_checkpoint
 from rlhf_jax import models
@@ -143,3 +143,16 @@ def test_bf16_checkpoint_loads_and_compute_dtype_policy(tmp_path):
     # bf16 activations: close to the fp32 oracle, but not equal to it.
     err = np.abs(logits[real] - expected[real]).max()
     assert 1e-4 < err < 0.1 * np.abs(expected[real]).max()
+
+
+def test_legacy_gpt2_layout_without_prefix_and_with_mask_buffers(ckpt, tmp_path):
+    """Hub GPT-2 checkpoints name tensors "h.0...." (no "transformer.") and carry causal-mask buffers."""
+    tensors = load_file(ckpt["gpt2_tied"] / "model.safetensors")
+    legacy = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    legacy |= {f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 64, 64), np.float32)) for i in range(2)}
+    (tmp_path / "config.json").write_text((ckpt["gpt2_tied"] / "config.json").read_text())
+    save_file(legacy, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    cfg_a, a = models.load_pretrained(ckpt["gpt2_tied"])
+    cfg_b, b = models.load_pretrained(tmp_path)
+    assert cfg_a == cfg_b
+    jax.tree.map(np.testing.assert_array_equal, a, b)
