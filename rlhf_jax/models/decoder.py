@@ -16,7 +16,9 @@ instead of being silently clamped; ``check_tokenizer`` rejects a mismatched toke
 KV cache: a ``KVCache`` holds ``S`` slots per row. ``prefill`` writes a (left-padded) prompt into
 slots ``[index, index + T)``, ``decode_step`` writes one token per row into slot ``index``; a query
 in slot ``s`` attends to the valid slots ``<= s``. Positions continue from ``next_pos_B``, so cached
-decoding reproduces a full forward pass over the concatenated sequence.
+decoding reproduces a full forward pass over the concatenated sequence. Size the cache for prompt +
+new tokens: writing past the last slot raises when ``cache.index`` is concrete, but under ``jit``
+it cannot be detected (``dynamic_update_slice`` would clamp and overwrite the last slots).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from jax import lax
 
 from rlhf_jax.models.config import ACTIVATIONS, ModelConfig
 from rlhf_jax.models.params import Params
+
 
 @flax.struct.dataclass
 class KVCache:
