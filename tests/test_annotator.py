@@ -206,7 +206,7 @@ def test_thumb_rate_and_rows_of_every_kind():
     n = 4000
     assert abs(np.mean([annotator.thumb(PROMPT, CONCISE) for _ in range(n)]) - p) < 4 * math.sqrt(p * (1 - p) / n)
     rows = {"sft": sft_rows(50, seed=3), "pairwise": pairwise_rows(50, seed=3),
-            "ranked": ranked_rows(50, seed=3, k=3), "binary": binary_rows(50, seed=3)}
+            "ranked": ranked_rows(50, seed=3, k=3), "binary": binary_rows(50, seed=3), "prompt": prompt_rows(50, seed=3)}
     for kind, kind_rows in rows.items():
         for i, row in enumerate(kind_rows):
             parse_row(row, kind, f"<{kind}:{i}>")  # valid in the generic format (chosen != rejected, ...)
