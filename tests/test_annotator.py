@@ -245,3 +245,13 @@ def test_responses_from_a_user_sampler_are_annotated():
         pairwise_rows(0)
     with pytest.raises(ValueError, match="temperature"):
         Annotator(temperature=0.0)
+
+
+def test_reference_numbers_command(capsys):
+    from rlhf_jax.data.simulated.__main__ import main
+
+    main(n=300)
+    out = capsys.readouterr().out
+    demo, best = map(float, re.match(r"demonstration gold (\S+) ± \S+; best achievable (\S+)", out).groups())
+    assert demo + 2.0 < best
+    assert 0.85 < float(re.search(r"agreement ceiling at temperature 0.4: (\S+)", out).group(1)) < 0.92
