@@ -156,26 +156,21 @@ def with_logical_constraint(x: jax.Array, logical: LogicalAxes, mesh: Mesh, rule
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, *, timeout_s: int = 300) -> bool:
-    """Join a multi-process run (``jax.distributed.initialize``); call before any other JAX call.
+                           process_id: int | None = None, *, timeout_s: int = 300) -> None:
+    """Join a multi-process run (``jax.distributed.initialize``); call it before any other JAX call.
 
     Arguments default to the environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``
-    and ``JAX_PROCESS_ID``. With none of them set, a cluster JAX detects by itself (Cloud TPU, SLURM,
-    Open MPI) still initialises when ``RLHF_JAX_AUTO_DISTRIBUTED=1``; otherwise this is a single-process
-    run and nothing happens. Returns whether JAX runs distributed. CPU processes talk through gloo.
+    and ``JAX_PROCESS_ID``; left unset, JAX detects Cloud TPU, SLURM and Open MPI clusters itself.
+    CPU processes exchange data through gloo.
     """
-    env = os.environ
-    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
     process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
-    if coordinator_address is None and env.get("RLHF_JAX_AUTO_DISTRIBUTED") != "1":
-        return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, initialization_timeout=timeout_s)
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
-    return True
 
 
 def _env_int(name: str) -> int | None:

@@ -91,8 +91,14 @@ def test_model_parameters_are_really_split(mesh_cfg, shards):
     assert per_device_bytes(norm) == norm.nbytes  # small vectors stay replicated
 
 
-def test_initialize_distributed_is_a_no_op_without_a_coordinator(monkeypatch):
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "RLHF_JAX_AUTO_DISTRIBUTED"):
-        monkeypatch.delenv(name, raising=False)
-    assert initialize_distributed() is False
-    assert jax.process_count() == 1
+def test_initialize_distributed_reads_the_environment(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "host0:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    initialize_distributed(timeout_s=7)
+    initialize_distributed("other:99", 2, 0)  # explicit arguments win
+    assert calls == [
+        {"coordinator_address": "host0:1234", "num_processes": 4, "process_id": 2, "initialization_timeout": 7},
+        {"coordinator_address": "other:99", "num_processes": 2, "process_id": 0, "initialization_timeout": 300}]
