@@ -102,10 +102,11 @@ def sft_objective(params: Params, frozen: Params, batch: SFTBatch, *, model_cfg:
                   loss_fn: Callable = losses.sft_loss) -> tuple[jax.Array, Metrics]:
     """Next-token cross-entropy on the batch's loss mask.
 
-    Packed rows (several ``segment_ids``) restart ``positions_BT`` per example, but attention still
-    spans the whole row: ``models.forward`` has no segment mask.
+    Packed rows (several ``segment_ids``) restart ``positions_BT`` per example and attend only
+    within their own segment, so each example scores as it would alone in a row.
     """
-    logits_BTV = models.forward(model_cfg, params, batch.input_ids_BT, batch.attention_mask_BT, batch.positions_BT)
+    logits_BTV = models.forward(model_cfg, params, batch.input_ids_BT, batch.attention_mask_BT, batch.positions_BT,
+                                segment_ids_BT=batch.segment_ids_BT)
     return loss_fn(logits_BTV[:, :-1], batch.input_ids_BT[:, 1:], batch.loss_mask_BT[:, :-1])
 
 

@@ -7,6 +7,9 @@ Padding is explicit: ``attention_mask_BT`` (1 = real token) hides pad keys, and 
 prompts, so a left-padded row gives the same logits as the unpadded one. Pad query rows stay finite
 (they attend uniformly to masked keys) and should be ignored by the caller.
 
+Packing: ``forward(..., segment_ids_BT=...)`` with per-example positions keeps the examples packed
+into one row from attending to each other (see :class:`rlhf_jax.types.SFTBatch`).
+
 Dtypes: parameters keep their own dtype and are cast to ``cfg.compute_dtype`` where used; norms are
 computed in float32, attention logits and softmax in float32, and output logits are float32.
 
@@ -215,10 +218,18 @@ def _check_inputs(name: str, input_ids_BT, attention_mask_BT, positions_BT=None)
         raise ValueError(f"{name}: positions_BT {positions_BT.shape} must match input_ids_BT {input_ids_BT.shape}")
 
 
-def _allowed(query_slots_T: jax.Array, key_mask_BS: jax.Array) -> jax.Array:
-    """Causal + padding mask (B, T, S): a query in slot t sees valid key slots s <= t."""
+def _allowed(query_slots_T: jax.Array, key_mask_BS: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Causal + padding mask (B, T, S): a query in slot t sees valid key slots s <= t.
+
+    With ``segment_ids_BT`` (full-sequence forward only, so S = T), additionally
+    ``segment_ids[q] == segment_ids[k] & segment_ids[k] != 0``: packed examples do not see each other.
+    """
     causal_TS = jnp.arange(key_mask_BS.shape[1])[None, :] <= query_slots_T[:, None]
-    return causal_TS[None] & key_mask_BS.astype(bool)[:, None, :]
+    allowed_BTS = causal_TS[None] & key_mask_BS.astype(bool)[:, None, :]
+    if segment_ids_BT is None:
+        return allowed_BTS
+    same_BTS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]) & (segment_ids_BT[:, None, :] != 0)
+    return allowed_BTS & same_BTS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,24 +237,37 @@ def _allowed(query_slots_T: jax.Array, key_mask_BS: jax.Array) -> jax.Array:
 
 
 def forward_hidden(cfg: ModelConfig, params: Params, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
-                   positions_BT: jax.Array | None = None) -> jax.Array:
-    """Final-normed hidden states (B, T, D) in ``cfg.compute_dtype``, for value / reward heads."""
+                   positions_BT: jax.Array | None = None, *, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Final-normed hidden states (B, T, D) in ``cfg.compute_dtype``, for value / reward heads.
+
+    ``segment_ids_BT`` (int, optional) is for packed rows (:class:`rlhf_jax.types.SFTBatch`): tokens
+    numbered 1, 2, ... by example within a row, 0 = padding. Attention is then restricted to
+    ``causal & (segment_ids[q] == segment_ids[k]) & (segment_ids[k] != 0)`` (and the attention mask),
+    so packed examples do not attend to each other. Pass positions restarting at 0 per example too
+    (``SFTBatch.positions_BT``): the default ``positions_from_mask`` counts over the whole row. None
+    (the default) is the plain causal + padding mask, traced exactly as without the argument.
+    """
     _check_inputs("forward", input_ids_BT, attention_mask_BT, positions_BT)
+    if segment_ids_BT is not None and segment_ids_BT.shape != input_ids_BT.shape:
+        raise ValueError(f"forward: segment_ids_BT {segment_ids_BT.shape} must match input_ids_BT {input_ids_BT.shape}")
     if cfg.position_type == "learned" and input_ids_BT.shape[1] > cfg.max_position_embeddings:
         raise ValueError(f"forward: length {input_ids_BT.shape[1]} exceeds the {cfg.max_position_embeddings} "
                          f"learned positions of this {cfg.model_type} model")
     if positions_BT is None:
         positions_BT = positions_from_mask(attention_mask_BT)
-    allowed_BTS = _allowed(jnp.arange(input_ids_BT.shape[1]), attention_mask_BT)
+    allowed_BTS = _allowed(jnp.arange(input_ids_BT.shape[1]), attention_mask_BT, segment_ids_BT)
     x_BTD = _embed(cfg, params, input_ids_BT, positions_BT)
     x_BTD, _ = _layers(cfg, params["layers"], x_BTD, _rope_tables(cfg, positions_BT), allowed_BTS)
     return _norm(cfg, params["final_norm"], x_BTD)
 
 
 def forward(cfg: ModelConfig, params: Params, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
-            positions_BT: jax.Array | None = None) -> jax.Array:
-    """Next-token logits (B, T, V), float32. ``positions_BT`` defaults to ``positions_from_mask``."""
-    return _unembed(cfg, params, forward_hidden(cfg, params, input_ids_BT, attention_mask_BT, positions_BT))
+            positions_BT: jax.Array | None = None, *, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Next-token logits (B, T, V), float32. ``positions_BT`` defaults to ``positions_from_mask``;
+    ``segment_ids_BT`` (packed rows: 1, 2, ... per example, 0 = padding) keeps attention within each
+    example, see :func:`forward_hidden`."""
+    return _unembed(cfg, params, forward_hidden(cfg, params, input_ids_BT, attention_mask_BT, positions_BT,
+                                                segment_ids_BT=segment_ids_BT))
 
 
 # ----------------------------------------------------------------------------------------------
