@@ -36,7 +36,7 @@ from rlhf_jax.train_state import make_optimizer, place_train_state, shardings_of
 class KLArgs:
     """The KL penalty between the policy and the reference (the SFT model)."""
 
-    coef: float = 0.05
+    coef: float = 0.1
     """β: initial (adaptive) or fixed KL coefficient."""
     adaptive: bool = False
     """Adapt β towards ``target`` (Ziegler et al. 2019)."""
@@ -57,10 +57,10 @@ class PPOConfig:
     data: workflow.DataArgs = workflow.DataArgs(num_train=4096, num_eval=256, seed=2)
     """Prompts (any row kind with a prompt); simulated prompts by default."""
     run: workflow.RunArgs = workflow.RunArgs(save_every=10, log_every=1)
-    optim: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10_000, b2=0.99)
+    optim: OptimizerConfig = OptimizerConfig(learning_rate=3e-5, warmup_steps=0, total_steps=10_000, b2=0.99)
     sample: workflow.SampleArgs = workflow.SampleArgs(batch_size=64)
     kl: KLArgs = KLArgs()
-    iterations: int = 60
+    iterations: int = 40
     """PPO iterations (rollout + update)."""
     rollout_prompts: int = 64
     """Prompts sampled per iteration."""

@@ -28,6 +28,7 @@ PIPELINE_ARGS = [
     "--rm.steps", "120", "--rm.eval-every", "120", "--rm.normalize-samples", "128",
     "--rm.data.num-train", "3840", "--rm.data.num-eval", "256",
     "--ppo.iterations", "12", "--ppo.rollout-prompts", "32", "--ppo.eval-every", "12",
+    "--ppo.optim.learning-rate", "1e-4",
     "--ppo.num-eval-prompts", "128", "--ppo.run.save-every", "6",
     "--dpo.steps", "40", "--dpo.eval-every", "40", "--dpo.num-eval-prompts", "128",
     "--dpo.data.num-train", "1280", "--dpo.data.num-eval", "128",
