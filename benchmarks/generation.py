@@ -8,6 +8,9 @@ times, alternating between the two sides; the table gives medians.
 
     python benchmarks/generation.py                       # 4 layers, d 256, vocab 4096
     python benchmarks/generation.py --batch 32 --new-tokens 256
+    # one thread on each side: less distorted when other jobs share the cores
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+        python benchmarks/generation.py --torch-threads 1
 """
 from __future__ import annotations
 
@@ -83,9 +86,10 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.torch_threads)
     with tempfile.TemporaryDirectory() as ckpt:
         hf_model = write_checkpoint(ckpt, args)
         cfg, params = models.load_pretrained(ckpt)
@@ -96,6 +100,7 @@ def main() -> None:
 
     print(f"Llama {args.layers} layers, d_model {args.d_model}, vocab {args.vocab}; batch {args.batch}, "
           f"prompt {args.prompt_len} (left-padded), {R} new tokens; {os.cpu_count()} CPU cores, "
+          f"torch threads {torch.get_num_threads()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
           f"load average {os.getloadavg()[0]:.2f}; jax {jax.__version__}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
     print("| mode | rlhf_jax tok/s | transformers tok/s | speed-up | rlhf_jax compile s |")
