@@ -70,7 +70,9 @@ def top_k_filter(logits_BV: jax.Array, k: int) -> jax.Array:
     Tokens tied with the k-th largest are all kept (as in ``transformers``' TopKLogitsWarper), so
     the result never depends on how a sort breaks ties.
     """
-    kth_B1 = jax.lax.top_k(logits_BV, k)[0][:, -1:]
+    # min over the top k rather than [:, -1]: XLA:CPU turns top_k followed by that slice into a full
+    # sort of the row (~10 ms for 16 x 4096) instead of its TopK kernel (~0.2 ms).
+    kth_B1 = jnp.min(jax.lax.top_k(logits_BV, k)[0], axis=-1, keepdims=True)
     return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
 
 
