@@ -212,8 +212,8 @@ def generate(
     Each prompt is repeated ``num_samples`` times (samples of one prompt are adjacent rows), the
     prompts are prefilled in one pass, and a ``lax.while_loop`` decodes one token per step until
     every row has emitted one of ``eos_ids`` or ``max_new_tokens`` is reached (empty ``eos_ids``:
-    always decode to the limit). ``temperature=0`` is greedy; ``top_k`` / ``top_p`` (nucleus)
-    filter the tempered logits. Log-prob conventions and the output layout are in the module
+    always decode to the limit). ``temperature=0`` is greedy (``top_k`` / ``top_p`` then change
+    nothing); otherwise ``top_k`` / ``top_p`` (nucleus) filter the tempered logits. Log-prob conventions and the output layout are in the module
     docstring. Works under ``jax.jit`` and on sharded inputs; the decode loop is compiled once per
     (shape, options).
     """
