@@ -64,6 +64,12 @@ def test_eval_split_holds_out_greetings_closings_and_slot_values():
         assert text.startswith(world._GREETINGS["eval"]) and text.endswith(world._CLOSINGS["eval"])
 
 
+def test_every_complaint_and_right_action_of_a_topic_share_its_key_word():
+    for topic in TOPICS:
+        for text in topic.templates + topic.actions:
+            assert re.search(topic.cue, text.lower()), (topic.name, text)
+
+
 def test_each_response_part_is_recognised_by_exactly_its_own_cue():
     signatures = {t.name: re.compile(t.signature) for t in TOPICS}
     cues = {"generic": gold.GENERIC_CUE, "offer": gold.OFFER_CUE, "rude": gold.RUDE_CUE, "irrelevant": gold.IRRELEVANT_CUE}
