@@ -53,6 +53,11 @@ def _run(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedPro
     return proc
 
 
+def _finished_checkpoints(folder: pathlib.Path) -> list[int]:
+    """Steps of the finished orbax checkpoints in ``folder`` (in-progress ones end in -tmp)."""
+    return [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("pipeline") / "run"
@@ -148,7 +153,7 @@ def test_pipeline_resumes_after_kill_during_ppo(pipeline_run, tmp_path):
     deadline = time.time() + 600
     try:
         while time.time() < deadline:
-            steps = [int(p.name) for p in ckpts.glob("[0-9]*")] if ckpts.exists() else []
+            steps = _finished_checkpoints(ckpts)
             if steps and max(steps) >= 4:
                 break
             if proc.poll() is not None:
@@ -159,7 +164,7 @@ def test_pipeline_resumes_after_kill_during_ppo(pipeline_run, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    saved = max(int(p.name) for p in ckpts.glob("[0-9]*"))
+    saved = max(_finished_checkpoints(ckpts))
     assert not (out / "ppo" / "eval.json").exists()
 
     resumed = _run("pipeline.py", *args, timeout=900)
