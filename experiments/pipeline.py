@@ -1,6 +1,6 @@
 """The whole RLHF pipeline: SFT → reward model → PPO, with DPO and best-of-n beside it.
 
-    python experiments/pipeline.py                      # embedded default: ~15 min on a 2-core CPU
+    python experiments/pipeline.py                      # embedded default (timings: README, Results)
     python experiments/pipeline.py --resume             # after an interruption: finished stages are
                                                         # kept, the interrupted one resumes from its checkpoint
     python experiments/pipeline.py --sft.steps 50 --ppo.iterations 5 --out runs/smoke   # a quick look
