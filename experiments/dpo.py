@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import pathlib
 
-import jax
 import tyro
 
 from rlhf_jax import losses, models, steps, workflow
@@ -68,12 +67,8 @@ def main(cfg: DPOConfig) -> dict:
     batches = BatchIterator(encode(train_rows, tokenizer, max_len=cfg.max_len), collate, batch_size=cfg.batch_size,
                             seed=cfg.run.seed)
 
-    def evaluate(state):
-        if not eval_rows:
-            return {}
-        it = BatchIterator(encode(eval_rows, tokenizer, max_len=cfg.max_len), collate, batch_size=cfg.batch_size,
-                           seed=0, shuffle=False, last_batch="pad", num_epochs=1)
-        return workflow.evaluate_batches(eval_step, state, it, mesh, rules)
+    evaluate = workflow.held_out_eval(eval_step, eval_rows, tokenizer, collate, max_len=cfg.max_len,
+                                      batch_size=cfg.batch_size, mesh=mesh, rules=rules)
 
     stage = "dpo" if cfg.variant == "dpo" else f"dpo_{cfg.variant}"
     state, last_eval = workflow.train_loop(stage=stage, run=cfg.run, state=state, step_fn=train_step, batches=batches,

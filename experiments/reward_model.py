@@ -70,12 +70,8 @@ def main(cfg: RewardConfig) -> dict:
     train_step = steps.make_reward_step(model_cfg, optimizer, state_sh, mesh, rules, loss_fn=LOSSES[cfg.loss])
     eval_step = steps.make_eval_step(functools.partial(steps.reward_objective, model_cfg=model_cfg), state_sh, mesh, rules)
 
-    def evaluate(state):
-        if not eval_rows:
-            return {}
-        it = BatchIterator(encode(eval_rows, tokenizer, max_len=cfg.max_len), collate, batch_size=cfg.batch_size,
-                           seed=0, shuffle=False, last_batch="pad", num_epochs=1)
-        return workflow.evaluate_batches(eval_step, state, it, mesh, rules)
+    evaluate = workflow.held_out_eval(eval_step, eval_rows, tokenizer, collate, max_len=cfg.max_len,
+                                      batch_size=cfg.batch_size, mesh=mesh, rules=rules)
 
     state, last_eval = workflow.train_loop(stage="rm", run=cfg.run, state=state, step_fn=train_step, batches=batches,
                                            num_steps=cfg.steps, mesh=mesh, rules=rules, config=cfg, eval_fn=evaluate,

@@ -257,6 +257,24 @@ def _jsonable(config: Any) -> dict:
                                  default=str))
 
 
+def held_out_eval(eval_step: Callable, rows: Sequence[Any], tokenizer: Any, collate: Callable, *, max_len: int,
+                  batch_size: int, mesh, rules) -> Callable[[TrainState], dict[str, float]]:
+    """``evaluate(state)``: exact metric means of ``eval_step`` over every held-out row ({} without rows).
+    The last batch is padded with zero-mask rows, so no row is dropped."""
+    from rlhf_jax.data import encode
+
+    examples = encode(rows, tokenizer, max_len=max_len) if rows else []
+
+    def evaluate(state: TrainState) -> dict[str, float]:
+        if not examples:
+            return {}
+        batches = BatchIterator(examples, collate, batch_size=batch_size, seed=0, shuffle=False, last_batch="pad",
+                                num_epochs=1)
+        return evaluate_batches(eval_step, state, batches, mesh, rules)
+
+    return evaluate
+
+
 def evaluate_batches(eval_step: Callable, state: TrainState, batches: Iterator, mesh, rules) -> dict[str, float]:
     """Exact means of ``eval_step``'s metrics over every batch of a finite iterator."""
     total: Metrics = {}
