@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
-from rlhf_jax import checkpoint, kl, losses, models, rollout, steps, workflow
+from rlhf_jax import checkpoint, kl, losses, models, rollout, sharding, steps, workflow
 from rlhf_jax.configs import OptimizerConfig
 from rlhf_jax.data import BatchIterator, collate_prompts, encode_prompts, simulated
 from rlhf_jax.logging import MetricsLogger
@@ -171,7 +171,7 @@ def main(cfg: PPOConfig) -> dict:
             t0 = time.perf_counter()
             it_key = jax.random.fold_in(key, it)
             prompts, texts = next(prompts_it)
-            ids, mask = workflow.sharding.shard_batch((prompts.prompt_ids_BP, prompts.prompt_mask_BP), mesh, rules)
+            ids, mask = sharding.shard_batch((prompts.prompt_ids_BP, prompts.prompt_mask_BP), mesh, rules)
             r = generate(state.params["policy"], ids, mask, key=jax.random.fold_in(it_key, 0))
             t_gen = time.perf_counter() - t0
             batch, score_metrics = score_step(state, r, kl_ctl.value)

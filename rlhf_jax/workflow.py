@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import transformers
 from tqdm.auto import tqdm
 
-from rlhf_jax import checkpoint, models, rollout, sharding
+from rlhf_jax import checkpoint, models, rollout, sharding, steps
 from rlhf_jax.configs import CheckpointConfig, MeshConfig, OptimizerConfig
 from rlhf_jax.data import (BatchIterator, PromptRow, ValidationReport, collate_prompts, encode_prompts, load_source,
                            parse_row)
@@ -368,6 +367,10 @@ def win_rate(scores_a: np.ndarray, scores_b: np.ndarray) -> float:
     return float(np.mean((a > b) + 0.5 * (a == b)))
 
 
+_token_logps = jax.jit(steps.token_logps, static_argnums=0)  # compiled once per (cfg, shapes), reused by every call
+_reward_scores = jax.jit(steps.reward_scores, static_argnums=0)
+
+
 @jax.jit
 def _sequence_kl(policy_logps_BT: jax.Array, ref_logps_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
     return jnp.sum((policy_logps_BT - ref_logps_BT) * mask_BT, axis=-1)
@@ -377,14 +380,11 @@ def kl_to_reference(cfg: models.ModelConfig, params: Any, ref_params: Any, rollo
                     ) -> np.ndarray:
     """Monte-Carlo KL(π ‖ π_ref) per sampled sequence: Σ_t log π(y_t) − log π_ref(y_t) (k1, unbiased
     for the sequence KL when the samples come from π at temperature 1)."""
-    from rlhf_jax import steps
-
-    logps = jax.jit(steps.token_logps, static_argnums=0)
     out = []
     for r in rollouts:
         mask_BT = jnp.pad(r.response_mask_BT[:, 1:], ((0, 0), (0, 1)))
-        out.append(np.asarray(_sequence_kl(logps(cfg, params, r.sequences_BT, r.attention_mask_BT),
-                                           logps(cfg, ref_params, r.sequences_BT, r.attention_mask_BT), mask_BT)))
+        out.append(np.asarray(_sequence_kl(_token_logps(cfg, params, r.sequences_BT, r.attention_mask_BT),
+                                           _token_logps(cfg, ref_params, r.sequences_BT, r.attention_mask_BT), mask_BT)))
     return np.concatenate(out)
 
 
@@ -399,10 +399,6 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
 
-
-def mean_std(x: np.ndarray) -> tuple[float, float]:
-    x = np.asarray(x, np.float64)
-    return float(x.mean()), float(x.std() / math.sqrt(max(len(x), 1)))
 
 
 # --- Reward models on disk ------------------------------------------------------------------------
@@ -442,10 +438,7 @@ def fold_normalization(head: Any, gain: float, bias: float) -> Any:
 
 def rm_scores(cfg: models.ModelConfig, rm_params: Any, rollouts: Sequence[rollout.Rollout]) -> np.ndarray:
     """Reward-model score of every sampled sequence (last real token)."""
-    from rlhf_jax import steps
-
-    score = jax.jit(steps.reward_scores, static_argnums=0)
-    return np.concatenate([np.asarray(score(cfg, rm_params, r.sequences_BT, r.attention_mask_BT)) for r in rollouts])
+    return np.concatenate([np.asarray(_reward_scores(cfg, rm_params, r.sequences_BT, r.attention_mask_BT)) for r in rollouts])
 
 
 
