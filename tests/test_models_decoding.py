@@ -87,7 +87,11 @@ def test_cached_decoding_equals_full_forward(models_by_family, family):
     assert int(cache.index) == P + R
     np.testing.assert_array_equal(np.asarray(cache.next_pos_B), mask.sum(1))
     np.testing.assert_array_equal(np.asarray(cache.mask_BS), np.pad(real, ((0, 0), (0, slots - P - R))))
-    assert cache.keys.shape == (cfg.n_layers, B, slots, cfg.n_kv_heads, cfg.head_dim)
+    assert cache.keys.shape == (cfg.n_layers, B, cfg.n_kv_heads, slots, cfg.head_dim)
+    # reading only the written slots (as rollout's phased decode loop does) changes nothing
+    windowed = jax.jit(functools.partial(models.decode_step, attend_slots=P + R), static_argnums=0)
+    cached_windowed, _ = _cached_logits(cfg, params, ids, mask, prefill, windowed, slots)
+    np.testing.assert_allclose(cached_windowed[real], cached[real], atol=1e-6, rtol=0)
 
 
 def test_cache_overflow_is_an_error(models_by_family):
@@ -97,6 +101,11 @@ def test_cache_overflow_is_an_error(models_by_family):
         models.decode_step(cfg, params, full, np.ones((B,), np.int32))
     with pytest.raises(ValueError, match="learned positions"):
         models.init_cache(models_by_family["gpt2"][0], B, 65)
+    half = models.init_cache(cfg, B, 8).replace(index=jnp.int32(4))
+    with pytest.raises(ValueError, match="slot 4 is beyond attend_slots 4"):
+        models.decode_step(cfg, params, half, np.ones((B,), np.int32), attend_slots=4)
+    with pytest.raises(ValueError, match="attend_slots 9 must be in \\[1, 8\\]"):
+        models.decode_step(cfg, params, half, np.ones((B,), np.int32), attend_slots=9)
 
 
 def test_scan_unrolled_and_remat_agree_with_gradients(models_by_family):

@@ -44,9 +44,9 @@ class KVCache:
     """Keys and values of every layer for ``S`` slots per row (``E`` = head_dim)."""
 
     keys: jax.Array
-    """(L, B, S, K, E) rotated keys."""
+    """(L, B, K, S, E) rotated keys."""
     values: jax.Array
-    """(L, B, S, K, E) values."""
+    """(L, B, K, S, E) values."""
     mask_BS: jax.Array
     """bool: slot holds a real token (False for left padding and unwritten slots)."""
     next_pos_B: jax.Array
@@ -129,27 +129,53 @@ def _dense(cfg: ModelConfig, p: Params, x: jax.Array, n_in: int = 1) -> jax.Arra
     return y + p["bias"].astype(cfg.compute_dtype) if "bias" in p else y
 
 
-def _attention(cfg: ModelConfig, p: Params, x_BTD, rope, allowed_BTS, kv, slot):
+def _attention(cfg: ModelConfig, p: Params, x_BTD, rope, allowed_BTS, kv, where):
     """Attention softmax(q·kᵀ·scale + mask)·v (Vaswani et al. 2017), kv heads shared by groups of
-    query heads (GQA, Ainslie et al. 2023); ``jax.nn.dot_product_attention`` computes the logits and
-    softmax in float32 and gives fully masked (padding) query rows a finite uniform average.
+    query heads (GQA, Ainslie et al. 2023). Logits and softmax are float32; a fully masked (padding)
+    query row gets a finite uniform average.
 
-    Without a cache (``kv`` is None) the keys are this sequence's. With one, this step's keys and
-    values are written into the layer's cache ``kv = (keys_BSKE, values_BSKE)`` at ``slot`` and the
-    queries attend over all ``S`` slots. Returns the output and the updated ``kv``.
+    Without a cache (``kv`` is None) the keys are this sequence's. With one, ``kv`` is the whole
+    stacked cache ``(keys_LBKSE, values_LBKSE)`` and ``where = (layer, slot, n)``: this step's keys
+    and values are written into that layer at ``slot`` and the queries attend over the first ``n``
+    slots (static; all ``S`` when None). Returns the output and the updated ``kv``.
     """
     q_BTHE, k_BTKE, v_BTKE = (_dense(cfg, p[name], x_BTD) for name in ("q", "k", "v"))
     if rope is not None:
         q_BTHE, k_BTKE = _apply_rope(cfg, q_BTHE, rope), _apply_rope(cfg, k_BTKE, rope)
-    if kv is not None:
-        keys_BSKE, values_BSKE = kv
-        keys_BSKE = lax.dynamic_update_slice_in_dim(keys_BSKE, k_BTKE.astype(keys_BSKE.dtype), slot, axis=1)
-        values_BSKE = lax.dynamic_update_slice_in_dim(values_BSKE, v_BTKE.astype(values_BSKE.dtype), slot, axis=1)
-        kv = (keys_BSKE, values_BSKE)
-        k_BTKE, v_BTKE = keys_BSKE.astype(cfg.compute_dtype), values_BSKE.astype(cfg.compute_dtype)
     scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
-    out_BTHE = jax.nn.dot_product_attention(q_BTHE, k_BTKE, v_BTKE, mask=allowed_BTS[:, None], scale=scale)
+    if kv is None:
+        out_BTHE = jax.nn.dot_product_attention(q_BTHE, k_BTKE, v_BTKE, mask=allowed_BTS[:, None], scale=scale)
+    else:
+        layer, slot, n = where
+        kv = tuple(_write_slots(c, new, layer, slot) for c, new in zip(kv, (k_BTKE, v_BTKE)))
+        keys_BKnE, values_BKnE = (c[layer, :, :, :n].astype(cfg.compute_dtype) for c in kv)
+        out_BTHE = _cached_attention(q_BTHE, keys_BKnE, values_BKnE, allowed_BTS[..., :n], scale)
     return _dense(cfg, p["o"], out_BTHE, n_in=2), kv
+
+
+def _write_slots(cache_LBKSE: jax.Array, new_BTKE: jax.Array, layer, slot) -> jax.Array:
+    """Write T new keys (or values) into slots ``[slot, slot + T)`` of one layer of the stacked cache.
+
+    Only the new slots are written: ``dynamic_update_slice`` on the loop-carried buffer, which XLA
+    updates in place, so a decode step writes T slots of memory, not the whole cache.
+    """
+    new_1BKTE = jnp.swapaxes(new_BTKE, 1, 2)[None].astype(cache_LBKSE.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    return lax.dynamic_update_slice(cache_LBKSE, new_1BKTE, (jnp.asarray(layer, jnp.int32), zero, zero, slot, zero))
+
+
+def _cached_attention(q_BTHE, keys_BKSE, values_BKSE, allowed_BTS, scale):
+    """softmax(q·kᵀ·scale, masked)·v over the cache slots, with the H query heads grouped over the K
+    kv heads as (K, G = H / K); float32 logits and softmax. Masked logits are the most negative
+    float32, so a row with no allowed slot averages uniformly (as ``jax.nn.dot_product_attention``)."""
+    B, T, H, E = q_BTHE.shape
+    K = keys_BKSE.shape[1]
+    q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
+    logits_BKGTS = jnp.einsum("btkge,bkse->bkgts", q_BTKGE, keys_BKSE, preferred_element_type=jnp.float32)
+    logits_BKGTS = jnp.where(allowed_BTS[:, None, None], logits_BKGTS * scale, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(values_BKSE.dtype)
+    out_BTKGE = jnp.einsum("bkgts,bkse->btkge", probs_BKGTS, values_BKSE)
+    return out_BTKGE.reshape(B, T, H, E)
 
 
 def _mlp(cfg: ModelConfig, p: Params, x_BTD: jax.Array) -> jax.Array:
@@ -160,34 +186,42 @@ def _mlp(cfg: ModelConfig, p: Params, x_BTD: jax.Array) -> jax.Array:
     return _dense(cfg, p["down"], h_BTF)
 
 
-def _block(cfg: ModelConfig, p: Params, x_BTD, rope, allowed_BTS, kv, slot):
+def _block(cfg: ModelConfig, p: Params, x_BTD, rope, allowed_BTS, kv, where):
     """Pre-norm block. Sequential: x ← x + attn(n₁(x)); x ← x + mlp(n₂(x)). Parallel (GPT-J,
     NeoX ``use_parallel_residual``): x ← x + attn(n₁(x)) + mlp(n₂(x))."""
-    attn_BTD, kv = _attention(cfg, p["attn"], _norm(cfg, p["attn_norm"], x_BTD), rope, allowed_BTS, kv, slot)
+    attn_BTD, kv = _attention(cfg, p["attn"], _norm(cfg, p["attn_norm"], x_BTD), rope, allowed_BTS, kv, where)
     if cfg.parallel_residual:
         return x_BTD + attn_BTD + _mlp(cfg, p["mlp"], _norm(cfg, p["mlp_norm"], x_BTD)), kv
     x_BTD = x_BTD + attn_BTD
     return x_BTD + _mlp(cfg, p["mlp"], _norm(cfg, p["mlp_norm"], x_BTD)), kv
 
 
-def _layers(cfg: ModelConfig, layers: Params, x_BTD, rope, allowed_BTS, kv=None, slot=None):
+def _layers(cfg: ModelConfig, layers: Params, x_BTD, rope, allowed_BTS, kv=None, slot=None, attend_slots=None):
     """All blocks, scanned (``cfg.scan_layers``) or unrolled, each optionally rematerialised.
 
-    ``kv`` is None or the stacked cache ``(keys_LBSKE, values_LBSKE)``; returns (x, updated kv).
+    ``kv`` is None or the stacked cache ``(keys_LBKSE, values_LBKSE)``; returns (x, updated kv). The
+    cache is carried through the layer loop whole and each layer writes only its new slots (see
+    ``_write_slots``); attention reads the first ``attend_slots`` slots (all when None).
     """
-    def block(x, xs):
-        p, kv_layer = xs
-        return _block(cfg, p, x, rope, allowed_BTS, kv_layer, slot)
+    if kv is None:
+        def block(x, p):
+            return _block(cfg, p, x, rope, allowed_BTS, None, None)[0], None
+    else:
+        def block(carry, xs):
+            x, kv_ = carry
+            p, layer = xs
+            return _block(cfg, p, x, rope, allowed_BTS, kv_, (layer, slot, attend_slots)), None
 
     if cfg.remat:
         block = jax.checkpoint(block)
+    out = x_BTD if kv is None else (x_BTD, kv)
     if cfg.scan_layers:
-        return lax.scan(block, x_BTD, (layers, kv))
-    outs = []
-    for i in range(cfg.n_layers):
-        x_BTD, kv_layer = block(x_BTD, jax.tree.map(lambda a: a[i], (layers, kv)))
-        outs.append(kv_layer)
-    return x_BTD, (None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs))
+        out, _ = lax.scan(block, out, layers if kv is None else (layers, jnp.arange(cfg.n_layers, dtype=jnp.int32)))
+    else:
+        for i in range(cfg.n_layers):
+            p = jax.tree.map(lambda a: a[i], layers)
+            out, _ = block(out, p if kv is None else (p, i))
+    return (out, None) if kv is None else out
 
 
 def _embed(cfg: ModelConfig, params: Params, input_ids_BT, positions_BT) -> jax.Array:
@@ -279,7 +313,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = jnp
     if cfg.position_type == "learned" and max_len > cfg.max_position_embeddings:
         raise ValueError(f"init_cache: max_len {max_len} exceeds the {cfg.max_position_embeddings} learned positions "
                          f"of this {cfg.model_type} model")
-    shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
+    shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
     return KVCache(
         keys=jnp.zeros(shape, dtype),
         values=jnp.zeros(shape, dtype),
@@ -289,8 +323,10 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = jnp
     )
 
 
-def _extend(cfg: ModelConfig, params: Params, input_ids_BT, attention_mask_BT, cache: KVCache):
-    """Run T new tokens per row through the model on top of ``cache``; logits (B, T, V) and new cache."""
+def _extend(cfg: ModelConfig, params: Params, input_ids_BT, attention_mask_BT, cache: KVCache,
+            last_only: bool = False, attend_slots: int | None = None):
+    """Run T new tokens per row through the model on top of ``cache``; logits (B, T, V) (or (B, 1, V)
+    of the last column with ``last_only``) and the new cache."""
     (B, T), S = input_ids_BT.shape, cache.mask_BS.shape[1]
     if B != cache.mask_BS.shape[0]:
         raise ValueError(f"{B} rows do not match a cache of {cache.mask_BS.shape[0]} rows")
@@ -304,7 +340,9 @@ def _extend(cfg: ModelConfig, params: Params, input_ids_BT, attention_mask_BT, c
     allowed_BTS = _allowed(cache.index + jnp.arange(T), mask_BS)
     x_BTD = _embed(cfg, params, input_ids_BT, positions_BT)
     x_BTD, (keys, values) = _layers(cfg, params["layers"], x_BTD, _rope_tables(cfg, positions_BT), allowed_BTS,
-                                    kv=(cache.keys, cache.values), slot=cache.index)
+                                    kv=(cache.keys, cache.values), slot=cache.index, attend_slots=attend_slots)
+    if last_only:
+        x_BTD = x_BTD[:, -1:]
     logits_BTV = _unembed(cfg, params, _norm(cfg, params["final_norm"], x_BTD))
     new_cache = KVCache(keys=keys, values=values, mask_BS=mask_BS,
                         next_pos_B=cache.next_pos_B + jnp.sum(mask_BT, axis=1, dtype=jnp.int32), index=cache.index + T)
@@ -312,16 +350,30 @@ def _extend(cfg: ModelConfig, params: Params, input_ids_BT, attention_mask_BT, c
 
 
 def prefill(cfg: ModelConfig, params: Params, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
-            cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """Write left-padded prompts into the cache; float32 logits (B, T, V) of every prompt position."""
+            cache: KVCache, *, last_only: bool = False) -> tuple[jax.Array, KVCache]:
+    """Write left-padded prompts into the cache; float32 logits (B, T, V) of every prompt position,
+    or with ``last_only`` (B, 1, V) of the last column only (all that sampling needs; skips the
+    unembedding of the other T - 1 columns)."""
     _check_inputs("prefill", input_ids_BT, attention_mask_BT)
-    return _extend(cfg, params, input_ids_BT, attention_mask_BT, cache)
+    return _extend(cfg, params, input_ids_BT, attention_mask_BT, cache, last_only=last_only)
 
 
-def decode_step(cfg: ModelConfig, params: Params, cache: KVCache, token_ids_B: jax.Array) -> tuple[jax.Array, KVCache]:
-    """Feed one token per row; float32 next-token logits (B, V) and the cache advanced by one slot."""
+def decode_step(cfg: ModelConfig, params: Params, cache: KVCache, token_ids_B: jax.Array, *,
+                attend_slots: int | None = None) -> tuple[jax.Array, KVCache]:
+    """Feed one token per row; float32 next-token logits (B, V) and the cache advanced by one slot.
+
+    ``attend_slots`` (static int) limits attention to the first slots of the cache: a decode loop
+    that knows every written slot lies below it reads only that part of the cache (exact, since the
+    slots beyond are masked anyway). It must be > ``cache.index``; None attends over all slots.
+    """
     if token_ids_B.shape != cache.next_pos_B.shape:
         raise ValueError(f"decode_step: token_ids_B {token_ids_B.shape} must be (batch,) = {cache.next_pos_B.shape}")
+    if attend_slots is not None:
+        S = cache.mask_BS.shape[1]
+        if not 1 <= attend_slots <= S:
+            raise ValueError(f"decode_step: attend_slots {attend_slots} must be in [1, {S}]")
+        if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) >= attend_slots:
+            raise ValueError(f"decode_step: slot {int(cache.index)} is beyond attend_slots {attend_slots}")
     ids_B1 = token_ids_B[:, None]
-    logits_B1V, cache = _extend(cfg, params, ids_B1, jnp.ones(ids_B1.shape, bool), cache)
+    logits_B1V, cache = _extend(cfg, params, ids_B1, jnp.ones(ids_B1.shape, bool), cache, attend_slots=attend_slots)
     return logits_B1V[:, 0], cache
