@@ -28,7 +28,7 @@ class DPOConfig:
     data: workflow.DataArgs = workflow.DataArgs(num_train=6144, num_eval=1024, seed=1)
     """Comparisons (the same simulated comparisons the reward model is trained on, by default)."""
     run: workflow.RunArgs = workflow.RunArgs()
-    optim: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=20, total_steps=400, b2=0.99)
+    optim: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=20, total_steps=300, b2=0.99)
     sample: workflow.SampleArgs = workflow.SampleArgs()
     variant: str = "dpo"
     """One of losses.DPO_VARIANTS: dpo, cdpo, robust, ipo, simpo."""
@@ -36,10 +36,12 @@ class DPOConfig:
     """β of the implicit reward β·log(π/π_ref)."""
     label_smoothing: float = 0.0
     """Assumed label-flip rate (cdpo / robust)."""
-    steps: int = 400
+    nll_coef: float = 0.0
+    """α of RPO: adds α × the chosen responses' per-token NLL to the loss (0 = plain DPO)."""
+    steps: int = 300
     batch_size: int = 32
-    max_len: int = 96
-    eval_every: int = 200
+    max_len: int = 80
+    eval_every: int = 150
     num_eval_prompts: int = 256
 
 
@@ -56,7 +58,8 @@ def main(cfg: DPOConfig) -> dict:
     state_sh = shardings_of(state)
     if cfg.variant not in losses.DPO_VARIANTS:
         raise ValueError(f"--variant {cfg.variant!r} is not one of {sorted(losses.DPO_VARIANTS)}")
-    loss_fn = functools.partial(losses.dpo_loss, variant=cfg.variant, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
+    loss_fn = functools.partial(losses.dpo_loss, variant=cfg.variant, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                                nll_coef=cfg.nll_coef)
     train_step = steps.make_dpo_step(model_cfg, optimizer, state_sh, mesh, rules, loss_fn=loss_fn)
     eval_step = steps.make_eval_step(functools.partial(steps.dpo_objective, model_cfg=model_cfg, loss_fn=loss_fn),
                                      state_sh, mesh, rules)

@@ -4,6 +4,8 @@
     python experiments/pipeline.py --resume             # after an interruption: finished stages are
                                                         # kept, the interrupted one resumes from its checkpoint
     python experiments/pipeline.py --sft.steps 50 --ppo.iterations 5 --out runs/smoke   # a quick look
+    python experiments/pipeline.py --rounds 3            # iterated: annotate the policy's own samples,
+                                                        # retrain the reward model, continue PPO
 
 Every stage is the script of the same name, configured through its own flags (``--ppo.kl.coef 0.1``).
 Writes <out>/report.md (results table, plots) next to each stage's folder.
@@ -40,20 +42,29 @@ class PipelineConfig:
     bon: best_of_n.BestOfNConfig = best_of_n.BestOfNConfig()
     skip_dpo: bool = False
     skip_best_of_n: bool = False
+    rounds: int = 1
+    """Rounds of RLHF (embedded default only). Round 1 is SFT → RM → PPO. Each later round samples two
+    responses per prompt from the latest policy, lets the simulated annotator compare them, retrains
+    the reward model (from SFT) on every comparison so far and continues PPO from the latest policy;
+    the KL reference stays the SFT model. Later rounds write <out>/round<r>/."""
+    pairs_per_round: int = 2048
+    """New comparisons of policy samples per later round (and a quarter as many on held-out prompts,
+    on which the retrained reward model's accuracy is measured)."""
 
 
 def _with_run(stage_cfg, out: str, resume: bool):
     return dataclasses.replace(stage_cfg, run=dataclasses.replace(stage_cfg.run, out=out, resume=resume))
 
 
-def _stage(name: str, folder: str, main, stage_cfg, cfg: PipelineConfig, timings: dict) -> dict:
-    done = pathlib.Path(cfg.out) / folder / "eval.json"
+def _stage(name: str, folder: str, main, stage_cfg, cfg: PipelineConfig, timings: dict, out: str | None = None) -> dict:
+    out = out or cfg.out
+    done = pathlib.Path(out) / folder / "eval.json"
     if cfg.resume and done.exists():
         print(f"[pipeline] {name}: finished earlier, kept ({done})", flush=True)
         return json.loads(done.read_text())
     print(f"[pipeline] === {name} ===", flush=True)
     t0 = time.perf_counter()
-    result = main(_with_run(stage_cfg, cfg.out, cfg.resume))
+    result = main(_with_run(stage_cfg, out, cfg.resume))
     timings[name] = time.perf_counter() - t0
     if not done.exists():  # stages without evaluation (a user's own data) still mark completion
         workflow.write_json(done, result)
@@ -71,10 +82,88 @@ def main(cfg: PipelineConfig) -> dict:
                                 dpo.main, cfg.dpo, cfg, timings)
     if not cfg.skip_best_of_n:
         results["best_of_n"] = _stage("best-of-n", "best_of_n", best_of_n.main, cfg.bon, cfg, timings)
+    for r in range(2, cfg.rounds + 1):
+        results[f"round{r}"] = later_round(cfg, r, timings)
     timings["total"] = time.perf_counter() - t0
     report = write_report(pathlib.Path(cfg.out), results, timings)
     print(report.read_text(), flush=True)
     return results
+
+
+# --- Iterated RLHF --------------------------------------------------------------------------------
+
+
+def _round_dir(cfg: PipelineConfig, r: int) -> pathlib.Path:
+    return pathlib.Path(cfg.out) if r == 1 else pathlib.Path(cfg.out) / f"round{r}"
+
+
+def later_round(cfg: PipelineConfig, r: int, timings: dict) -> dict:
+    """Round r >= 2: annotate pairs of the latest policy's samples, retrain the RM, continue PPO."""
+    if cfg.rm.data.path is not None or cfg.ppo.data.path is not None:
+        raise ValueError("--rounds > 1 needs the simulated annotator: it labels the policy's own samples "
+                         "(leave --rm.data.path and --ppo.data.path unset)")
+    out = _round_dir(cfg, r)
+    sft_hf = str(pathlib.Path(cfg.out) / "sft" / "hf")
+    policy_hf = str(_round_dir(cfg, r - 1) / "ppo" / "hf")
+    t0 = time.perf_counter()
+    train_file, eval_file, ceiling = annotate_policy_samples(cfg, r, policy_hf, out)
+    timings[f"round {r}: annotate"] = time.perf_counter() - t0
+    rm_cfg = dataclasses.replace(cfg.rm, model=dataclasses.replace(cfg.rm.model, path=sft_hf),
+                                 data=dataclasses.replace(cfg.rm.data, path=str(train_file), eval_path=str(eval_file)))
+    rm = _stage(f"round {r}: reward model", "rm", reward_model.main, rm_cfg, cfg, timings, out=str(out))
+    rm["agreement_ceiling"] = ceiling
+    ppo_cfg = dataclasses.replace(cfg.ppo, model=dataclasses.replace(cfg.ppo.model, path=policy_hf), reference=sft_hf,
+                                  reward_model=str(out / "rm" / "hf"))
+    return {"rm": rm, "ppo": _stage(f"round {r}: PPO", "ppo", ppo.main, ppo_cfg, cfg, timings, out=str(out))}
+
+
+def annotate_policy_samples(cfg: PipelineConfig, r: int, policy_hf: str, out: pathlib.Path
+                            ) -> tuple[pathlib.Path, pathlib.Path, float]:
+    """Write <out>/comparisons.jsonl: round 1's comparisons, every later round's up to r (pairs of
+    that round's starting policy's samples on fresh train prompts, ordered by the simulated annotator),
+    and <out>/comparisons_eval.jsonl: this round's pairs on held-out prompts. Returns the two files and
+    the annotator's agreement ceiling on the held-out pairs."""
+    import jax
+
+    from rlhf_jax.data import simulated
+
+    train_file, eval_file = out / "comparisons.jsonl", out / "comparisons_eval.jsonl"
+    new_file = out / "new_comparisons.jsonl"
+    if not (cfg.resume and train_file.exists() and eval_file.exists()):
+        model_cfg, params, tokenizer = workflow.load_lm(dataclasses.replace(cfg.ppo.model, path=policy_hf))
+        draws = iter(range(1 << 20))
+
+        def policy_sampler(prompts, k):  # k distinct responses per prompt when 2k samples have them
+            texts, _ = workflow.sample(model_cfg, params, tokenizer, prompts, num_samples=2 * k,
+                                       key=jax.random.key(1000 * r + next(draws)), sample_args=cfg.ppo.sample)
+            out_rows = []
+            for samples in texts:
+                distinct = list(dict.fromkeys(t for t in samples if t.strip()))
+                out_rows.append(distinct[:k] if len(distinct) >= k else samples[:k])
+            return out_rows
+
+        seed = cfg.rm.data.seed + 100 * r
+        print(f"[pipeline] round {r}: sampling {cfg.pairs_per_round} pairs from {policy_hf} for the annotator", flush=True)
+        new_rows = simulated.pairwise_rows(cfg.pairs_per_round, seed, "train", responses_from=policy_sampler)
+        eval_rows = simulated.pairwise_rows(max(1, cfg.pairs_per_round // 4), seed, "eval", responses_from=policy_sampler)
+        earlier = (_read_jsonl(_round_dir(cfg, r - 1) / "comparisons.jsonl") if r > 2 else
+                   simulated.pairwise_rows(cfg.rm.data.num_train, cfg.rm.data.seed, "train"))
+        _write_jsonl(new_file, new_rows)
+        _write_jsonl(train_file, earlier + new_rows)
+        _write_jsonl(eval_file, eval_rows)
+    eval_rows = _read_jsonl(eval_file)
+    ceiling = simulated.Annotator().agreement_ceiling([row["prompt"] for row in eval_rows],
+                                                      [(row["chosen"], row["rejected"]) for row in eval_rows])
+    return train_file, eval_file, ceiling
+
+
+def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # --- Report ---------------------------------------------------------------------------------------
@@ -90,6 +179,10 @@ def results_table(results: dict) -> list[dict]:
         if (key == "ppo" or key.startswith("dpo")) and "gold" in res:
             rows.append({"method": key.upper().replace("_", " "), "gold": res["gold"], "win_rate": res["win_rate"],
                          "kl": res["kl"]})
+    for key, res in results.items():
+        if key.startswith("round") and "gold" in res.get("ppo", {}):
+            rows.append({"method": f"PPO round {key[5:]}", "gold": res["ppo"]["gold"],
+                         "win_rate": res["ppo"]["win_rate"], "kl": res["ppo"]["kl"]})
     for name, res in results.get("best_of_n", {}).items():
         if isinstance(res, dict) and "gold" in res:
             rows.append({"method": f"best-of-{res['n']}", "gold": res["gold"], "win_rate": res["win_rate"],
@@ -112,6 +205,11 @@ def write_report(out: pathlib.Path, results: dict, timings: dict) -> pathlib.Pat
         ceiling = rm.get("agreement_ceiling")
         lines += ["", f"Reward model held-out accuracy: **{rm['accuracy']:.1%}**"
                   + (f" (annotator agreement ceiling {ceiling:.1%})" if ceiling else "")]
+    for key, res in results.items():
+        if key.startswith("round") and res.get("rm", {}).get("accuracy") is not None:
+            lines += ["", f"Round {key[5:]} reward model, accuracy on held-out pairs of the round-start policy's "
+                      f"samples: **{res['rm']['accuracy']:.1%}** (annotator agreement ceiling "
+                      f"{res['rm']['agreement_ceiling']:.1%})"]
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in timings.items()]
 
     if rows:

@@ -54,6 +54,9 @@ class PPOConfig:
     """Policy to start from, also the frozen reference (default: <run.out>/sft/hf)."""
     reward_model: str | None = None
     """Reward model folder from reward_model.py (default: <run.out>/rm/hf)."""
+    reference: str | None = None
+    """Frozen reference of the KL penalty (default: the starting policy). Later rounds of an iterated
+    pipeline start from the last policy and keep the SFT model here."""
     data: workflow.DataArgs = workflow.DataArgs(num_train=4096, num_eval=256, seed=2)
     """Prompts (any row kind with a prompt); simulated prompts by default."""
     run: workflow.RunArgs = workflow.RunArgs(save_every=10, log_every=1)
@@ -99,6 +102,11 @@ def main(cfg: PPOConfig) -> dict:
     policy_path = cfg.model.path or str(run_dir / "sft" / "hf")
     model_cfg, sft_params, tokenizer = workflow.load_lm(dataclasses.replace(cfg.model, path=policy_path))
     reward_cfg, rm_params, _ = workflow.load_reward_model(cfg.reward_model or run_dir / "rm" / "hf", cfg.model)
+    ref_params = sft_params
+    if cfg.reference is not None:
+        ref_cfg, ref_params, _ = workflow.load_lm(dataclasses.replace(cfg.model, path=cfg.reference))
+        if ref_cfg != model_cfg:
+            raise ValueError(f"--reference {cfg.reference} is not the policy's architecture:\n{ref_cfg}\nvs\n{model_cfg}")
     axes = models.param_logical_axes(model_cfg)
     head_axes = models.scalar_head_logical_axes()
     if cfg.critic == "value_head":
@@ -109,11 +117,11 @@ def main(cfg: PPOConfig) -> dict:
         params = {"policy": sft_params, "critic": rm_params}
         param_axes = {"policy": axes, "critic": {"backbone": models.param_logical_axes(reward_cfg), "head": head_axes}}
         critic_cfg = reward_cfg
-    frozen = {"reference": sft_params, "reward": rm_params}
+    frozen = {"reference": ref_params, "reward": rm_params}
     frozen_axes = {"reference": axes, "reward": {"backbone": models.param_logical_axes(reward_cfg), "head": head_axes}}
     optimizer = make_optimizer(cfg.optim)
     state = place_train_state(params, optimizer, mesh, rules, param_axes, frozen=frozen, frozen_axes=frozen_axes)
-    del params, frozen, sft_params, rm_params
+    del params, frozen, sft_params, ref_params, rm_params
     state_sh = shardings_of(state)
 
     policy_loss = functools.partial(losses.ppo_policy_loss, clip_eps=cfg.clip_eps, entropy_coef=cfg.entropy_coef)

@@ -39,7 +39,7 @@ class RewardConfig:
     sample: workflow.SampleArgs = workflow.SampleArgs()
     steps: int = 400
     batch_size: int = 32
-    max_len: int = 96
+    max_len: int = 80
     loss: str = "bt"
     """Loss variant: one of bt, bt_margin, bt_centered."""
     eval_every: int = 200

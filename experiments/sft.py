@@ -35,7 +35,7 @@ class SFTConfig:
     """Optimizer steps (sets optim.total_steps)."""
     batch_size: int = 32
     """Sequences per step (global, over all hosts)."""
-    max_len: int = 96
+    max_len: int = 80
     """Tokens per sequence (prompts truncated from the left to fit)."""
     pack: bool = False
     """Pack several demonstrations per row (segment-masked attention)."""

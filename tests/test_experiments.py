@@ -33,6 +33,7 @@ PIPELINE_ARGS = [
     "--dpo.steps", "40", "--dpo.eval-every", "40", "--dpo.num-eval-prompts", "128",
     "--dpo.data.num-train", "1280", "--dpo.data.num-eval", "128",
     "--bon.n", "4", "--bon.num-eval-prompts", "128",
+    "--rounds", "2", "--pairs-per-round", "128",
 ]
 
 
@@ -100,6 +101,33 @@ def test_stage_outputs(pipeline_run):
     assert (pipeline_run / "ppo" / "samples.md").read_text().count("## iteration") >= 2
 
 
+def _jsonl(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_iterated_round_annotates_policy_samples_and_keeps_the_sft_reference(pipeline_run):
+    """Round 2 labels pairs of the round-1 policy's samples, retrains the reward model on every
+    comparison so far, and continues PPO from the round-1 policy with SFT still the KL reference."""
+    round2 = pipeline_run / "round2"
+    new = _jsonl(round2 / "new_comparisons.jsonl")
+    assert len(new) == 128 and all(row["chosen"] != row["rejected"] for row in new)
+    assert len(_jsonl(round2 / "comparisons.jsonl")) == 3840 + 128  # round 1's comparisons + the new ones
+    assert len(_jsonl(round2 / "comparisons_eval.jsonl")) == 32
+    assert json.loads((round2 / "rm" / "eval.json").read_text())["accuracy"] is not None
+    methods = {row["method"] for row in json.loads((pipeline_run / "results.json").read_text())["table"]}
+    assert "PPO round 2" in methods
+    assert (round2 / "ppo" / "hf" / "model.safetensors").exists()
+
+    def kl_by_iteration(folder):
+        return [m["rollout/kl"] for m in _jsonl(folder / "metrics.jsonl") if "rollout/kl" in m]
+
+    round1, round2_kl = kl_by_iteration(pipeline_run / "ppo"), kl_by_iteration(round2 / "ppo")
+    assert abs(round1[0]) < 0.02  # round 1 starts at its reference: KL 0
+    assert round1[-1] > 0.2
+    # round 2 starts from the round-1 policy but measures KL to SFT, so it starts where round 1 ended
+    assert round2_kl[0] > 0.3 * round1[-1]
+
+
 def test_exported_policy_loads_in_transformers(pipeline_run):
     import torch
     import transformers
@@ -146,7 +174,7 @@ def test_pipeline_resumes_after_kill_during_ppo(pipeline_run, tmp_path):
     for stage in ("sft", "rm"):
         shutil.copytree(pipeline_run / stage, out / stage)
     args = ["--out", str(out), "--resume", *PIPELINE_ARGS, "--ppo.iterations", "8", "--ppo.run.save-every", "2",
-            "--ppo.eval-every", "8", "--skip-dpo", "--skip-best-of-n"]
+            "--ppo.eval-every", "8", "--skip-dpo", "--skip-best-of-n", "--rounds", "1"]
     proc = subprocess.Popen([sys.executable, str(EXPERIMENTS / "pipeline.py"), *args], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     ckpts = out / "ppo" / "checkpoints"

@@ -18,7 +18,7 @@ PC, PR, RC, RR = (RNG.normal(-20, 3, size=B).astype(np.float32) for _ in range(4
 LEN_C = np.array([10, 3, 7, 20, 5], np.float32)
 LEN_R = np.array([4, 12, 7, 9, 30], np.float32)
 
-dpo = jax.jit(losses.dpo_loss, static_argnames=("beta", "variant", "label_smoothing", "simpo_gamma"))
+dpo = jax.jit(losses.dpo_loss, static_argnames=("beta", "variant", "label_smoothing", "simpo_gamma", "nll_coef"))
 
 
 def _log_sigmoid(x):
@@ -60,6 +60,21 @@ def test_dpo_family_matches_loop(variant, beta, eps, gamma):
     np.testing.assert_allclose(m["dpo/rejected_reward"], rejected.mean(), rtol=1e-5)
     np.testing.assert_allclose(m["dpo/margin"], (chosen - rejected).mean(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m["dpo/accuracy"], (chosen > rejected).mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_rpo_adds_the_chosen_per_token_nll(alpha):
+    """RPO (Pang et al. 2024, eq. 2): DPO + α · (−log π(y_w) / |y_w|), averaged over pairs."""
+    loss, metrics = dpo(PC, PR, RC, RR, beta=0.1, nll_coef=alpha, chosen_lengths_B=LEN_C, rejected_lengths_B=LEN_R)
+    nll = [-PC[i] / LEN_C[i] for i in range(B)]
+    np.testing.assert_allclose(loss, _dpo_family_loop("dpo", 0.1, 0.0, 0.0) + alpha * float(np.mean(nll)), rtol=1e-5)
+    np.testing.assert_allclose(to_floats(metrics)["dpo/chosen_nll"], np.mean(nll), rtol=1e-5)
+    # the NLL term's gradient raises the chosen log-prob (pulls π(y_w) up), by α / |y_w| per pair
+    g_with = jax.grad(lambda pc: losses.dpo_loss(pc, PR, RC, RR, beta=0.1, nll_coef=alpha, chosen_lengths_B=LEN_C)[0])(PC)
+    g_without = jax.grad(lambda pc: losses.dpo_loss(pc, PR, RC, RR, beta=0.1)[0])(PC)
+    np.testing.assert_allclose(g_with - g_without, -alpha / LEN_C / B, rtol=1e-5)
+    with pytest.raises(ValueError, match="nll_coef needs chosen_lengths_B"):
+        losses.dpo_loss(PC, PR, RC, RR, nll_coef=alpha)
 
 
 def test_simpo_ignores_reference_and_dpo_variants_dict():

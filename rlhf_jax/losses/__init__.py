@@ -1,11 +1,12 @@
 """Loss functions: pure array math, each ``fn(arrays..., *, options) -> (loss, metrics)``."""
-from rlhf_jax.losses.dpo import DPO_VARIANTS, dpo_loss, ipo_loss, kto_loss, robust_preference_loss, sigmoid_preference_loss
+from rlhf_jax.losses.dpo import DPO_VARIANTS, chosen_nll, dpo_loss, ipo_loss, kto_loss, robust_preference_loss, sigmoid_preference_loss
 from rlhf_jax.losses.ppo import explained_variance, ppo_policy_loss, value_loss
 from rlhf_jax.losses.reward import pairwise_reward_loss, ranking_reward_loss, ranking_to_pairs, ranks_from_ranking
 from rlhf_jax.losses.sft import sft_loss
 
 __all__ = [
     "DPO_VARIANTS",
+    "chosen_nll",
     "dpo_loss",
     "explained_variance",
     "ipo_loss",

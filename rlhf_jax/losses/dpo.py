@@ -55,8 +55,10 @@ def dpo_loss(
     simpo_gamma: float = 0.5,
     chosen_lengths_B: jax.Array | None = None,
     rejected_lengths_B: jax.Array | None = None,
+    nll_coef: float = 0.0,
 ) -> tuple[jax.Array, Metrics]:
-    """Preference loss of the DPO family, averaged over the B pairs.
+    """Preference loss of the DPO family, averaged over the B pairs, plus ``nll_coef`` times the
+    chosen responses' per-token negative log-likelihood (see :func:`chosen_nll`).
 
     With implicit rewards ``ρ(y) = β·(log π(y) − log π_ref(y))`` and ``h = (ρ(y_w) − ρ(y_l)) / β``:
 
@@ -101,8 +103,15 @@ def dpo_loss(
             raise ValueError(f"unknown DPO variant {variant!r}; expected one of {sorted(DPO_VARIANTS)}")
 
     margin_B = chosen_reward_B - rejected_reward_B
+    metrics = {}
+    if nll_coef:
+        if chosen_lengths_B is None:
+            raise ValueError("nll_coef needs chosen_lengths_B (the response token counts)")
+        nll_B = chosen_nll(policy_chosen_logps_B, chosen_lengths_B)
+        metrics["dpo/chosen_nll"] = Metric.mean_of(nll_B)
+        loss_B = loss_B + nll_coef * nll_B
     loss = Metric.mean_of(loss_B)
-    metrics = {
+    metrics |= {
         "dpo/loss": loss,
         "dpo/accuracy": Metric.mean_of((margin_B > 0).astype(jnp.float32)),
         "dpo/margin": Metric.mean_of(margin_B),
@@ -110,6 +119,18 @@ def dpo_loss(
         "dpo/rejected_reward": Metric.mean_of(rejected_reward_B),
     }
     return loss.mean(), metrics
+
+
+def chosen_nll(chosen_logps_B: jax.Array, chosen_lengths_B: jax.Array) -> jax.Array:
+    """Per-token NLL of the chosen response, ``−log π(y_w | x) / |y_w|`` (B,).
+
+    Added to DPO with weight α it is RPO (Pang et al. 2024, "Iterative Reasoning Preference
+    Optimization", eq. 2; TRL's ``rpo_alpha``): it keeps the chosen responses likely. Plain DPO only
+    pushes the chosen and rejected log-ratios apart, and may lower both; the freed probability mass
+    then goes to sequences neither response contains, and samples degenerate.
+    """
+    lengths_B = jnp.maximum(jnp.asarray(chosen_lengths_B, jnp.float32), 1.0)
+    return -jnp.asarray(chosen_logps_B, jnp.float32) / lengths_B
 
 
 DPO_VARIANTS: dict[str, Callable[..., tuple[jax.Array, Metrics]]] = {
