@@ -28,7 +28,7 @@ class DPOConfig:
     data: workflow.DataArgs = workflow.DataArgs(num_train=6144, num_eval=1024, seed=1)
     """Comparisons (the same simulated comparisons the reward model is trained on, by default)."""
     run: workflow.RunArgs = workflow.RunArgs()
-    optim: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=20, total_steps=300, b2=0.99)
+    optim: OptimizerConfig = OptimizerConfig(learning_rate=3e-5, warmup_steps=20, total_steps=300, b2=0.99)
     sample: workflow.SampleArgs = workflow.SampleArgs()
     variant: str = "dpo"
     """One of losses.DPO_VARIANTS: dpo, cdpo, robust, ipo, simpo."""
