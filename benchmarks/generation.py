@@ -11,6 +11,9 @@ times, alternating between the two sides; the table gives medians.
     # one thread on each side: less distorted when other jobs share the cores
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
         python benchmarks/generation.py --torch-threads 1
+    # every core on each side: torch's intra-op threads against one XLA CPU device per core, the
+    # batch split over them (rlhf_jax's data-parallel mesh, as on a multi-device machine)
+    XLA_FLAGS="--xla_force_host_platform_device_count=2" python benchmarks/generation.py --torch-threads 2
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 import transformers
 
-from rlhf_jax import models, rollout
+from rlhf_jax import models, rollout, sharding
 
 MODES = {  # name -> (temperature, top_k, top_p)
     "greedy": (0.0, None, None),
@@ -95,12 +98,17 @@ def main() -> None:
         cfg, params = models.load_pretrained(ckpt)
     ids_np, mask_np = left_padded_prompts(args)
     ids_pt, mask_pt = torch.from_numpy(ids_np).long(), torch.from_numpy(mask_np).long()
+    ids_in, mask_in = ids_np, mask_np
+    if jax.device_count() > 1:  # batch over a data-parallel mesh of every device, parameters replicated
+        mesh = sharding.make_mesh()
+        ids_in, mask_in = sharding.shard_batch((ids_np, mask_np), mesh, sharding.DATA_PARALLEL_RULES)
+        params = jax.device_put(params, sharding.replicated(mesh))
     R = args.new_tokens
     new_tokens = args.batch * R
 
     print(f"Llama {args.layers} layers, d_model {args.d_model}, vocab {args.vocab}; batch {args.batch}, "
           f"prompt {args.prompt_len} (left-padded), {R} new tokens; {os.cpu_count()} CPU cores, "
-          f"torch threads {torch.get_num_threads()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"torch threads {torch.get_num_threads()}, jax devices {jax.device_count()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
           f"load average {os.getloadavg()[0]:.2f}; jax {jax.__version__}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
     print("| mode | rlhf_jax tok/s | transformers tok/s | speed-up | rlhf_jax compile s |")
@@ -109,7 +117,7 @@ def main() -> None:
         keys = iter(jax.random.split(jax.random.key(0), args.runs + 1))
 
         def ours():
-            out = rollout.generate(cfg, params, ids_np, mask_np, key=next(keys), max_new_tokens=R,
+            out = rollout.generate(cfg, params, ids_in, mask_in, key=next(keys), max_new_tokens=R,
                                    temperature=temperature, top_k=top_k, top_p=top_p)
             return jax.block_until_ready(out)
 
@@ -128,7 +136,7 @@ def main() -> None:
         print(f"| {name} | {new_tokens / ours_med:,.0f} | {new_tokens / theirs_med:,.0f} | "
               f"{theirs_med / ours_med:.1f}x | {first - ours_med:.1f} |", flush=True)
 
-    greedy = rollout.generate(cfg, params, ids_np, mask_np, key=jax.random.key(0), max_new_tokens=R, temperature=0.0)
+    greedy = rollout.generate(cfg, params, ids_in, mask_in, key=jax.random.key(0), max_new_tokens=R, temperature=0.0)
     with torch.inference_mode():
         hf_greedy = hf_model.generate(input_ids=ids_pt, attention_mask=mask_pt, max_new_tokens=R, min_new_tokens=R,
                                       pad_token_id=0, do_sample=False)
