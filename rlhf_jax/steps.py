@@ -31,7 +31,6 @@ from jax.sharding import Mesh
 
 from rlhf_jax import advantages, kl, losses, models, ops
 from rlhf_jax.metrics import Metric, Metrics, sum_over_leading_axis
-from rlhf_jax.models.decoder import _unembed
 from rlhf_jax.rollout import Rollout
 from rlhf_jax.sharding import Rules, batch_sharding, replicated, with_logical_constraint
 from rlhf_jax.train_state import Params, TrainState
@@ -126,9 +125,10 @@ def dpo_objective(params: Params, frozen: Params, batch: PairBatch, *, model_cfg
     ref_chosen_B = ref_rejected_B = None
     if frozen:
         ref_chosen_B, ref_rejected_B = jax.lax.stop_gradient(pair_logps(model_cfg, frozen, batch))
+    weights_B = _has_tokens(batch.chosen_response_mask_BT) * _has_tokens(batch.rejected_response_mask_BT)
     return loss_fn(chosen_B, rejected_B, ref_chosen_B, ref_rejected_B,
                    chosen_lengths_B=jnp.sum(batch.chosen_response_mask_BT, -1),
-                   rejected_lengths_B=jnp.sum(batch.rejected_response_mask_BT, -1))
+                   rejected_lengths_B=jnp.sum(batch.rejected_response_mask_BT, -1), weights_B=weights_B)
 
 
 @flax.struct.dataclass
@@ -158,7 +158,7 @@ def _policy_and_values(params: Params, input_ids_BT: jax.Array, attention_mask_B
                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(logps_BT, entropy_BT, values_BT)``: one backbone pass with a value head, or policy + critic."""
     hidden_BTD = models.forward_hidden(model_cfg, params["policy"], input_ids_BT, attention_mask_BT)
-    logits_BTV = _unembed(model_cfg, params["policy"], hidden_BTD)
+    logits_BTV = models.unembed(model_cfg, params["policy"], hidden_BTD)
     if "value_head" in params:
         values_BT = models.scalar_head(params["value_head"], hidden_BTD)
     elif "critic" in params:

@@ -12,7 +12,7 @@ from rlhf_jax.configs import MeshConfig, OptimizerConfig
 from rlhf_jax.metrics import to_floats
 from rlhf_jax.sharding import DEFAULT_RULES, logical_to_sharding, make_mesh, replicated, shard_batch
 from rlhf_jax.steps import (dpo_objective, make_dpo_step, make_eval_step, make_ppo_score_step, make_ppo_step,
-                            make_sft_step, ppo_objective, reward_objective, reward_scores, sft_objective)
+                            ppo_objective, reward_objective, reward_scores, sft_objective)
 from rlhf_jax.train_state import create_train_state, make_optimizer, shardings_of
 
 from mesh_case import copy_state, pair_batch, sft_batch, sft_setup, tiny_model_config
@@ -74,6 +74,21 @@ def test_loss_and_grads_match_one_device(case, mesh_name):
     assert max(float(np.max(np.abs(g))) for g in leaves_ref) > 1e-4  # gradients really flow
     for path, g_ref, g in zip(paths_ref, leaves_ref, jax.tree.leaves(grads)):
         np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("case", ["reward", "dpo"])
+def test_padding_pairs_count_for_nothing(case):
+    """Held-out evaluation pads its last batch with empty pairs: they change no loss or metric."""
+    objective, params_fn, _, frozen_fn, _, batch_fn = CASES[case]
+    params, frozen, batch = params_fn(), frozen_fn(), batch_fn()
+    real = jax.tree.map(lambda x: x[:5], batch)
+    empty = np.arange(batch.margin_B.shape[0]) >= 5  # rows 5.. become padding (no response tokens)
+    padded = batch.replace(chosen_response_mask_BT=np.where(empty[:, None], 0.0, batch.chosen_response_mask_BT),
+                           rejected_response_mask_BT=np.where(empty[:, None], 0.0, batch.rejected_response_mask_BT))
+    (loss_real, m_real), (loss_padded, m_padded) = (jax.jit(objective)(params, frozen, b) for b in (real, padded))
+    np.testing.assert_allclose(loss_padded, loss_real, rtol=1e-5)
+    for key, value in to_floats(m_real).items():
+        np.testing.assert_allclose(to_floats(m_padded)[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def test_sft_step_is_compiled_once_donates_and_learns():

@@ -56,9 +56,11 @@ def dpo_loss(
     chosen_lengths_B: jax.Array | None = None,
     rejected_lengths_B: jax.Array | None = None,
     nll_coef: float = 0.0,
+    weights_B: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Preference loss of the DPO family, averaged over the B pairs, plus ``nll_coef`` times the
-    chosen responses' per-token negative log-likelihood (see :func:`chosen_nll`).
+    chosen responses' per-token negative log-likelihood (see :func:`chosen_nll`). ``weights_B``
+    weighs the pairs in the loss and every metric (0 drops a padding pair; all-zero gives loss 0).
 
     With implicit rewards ``ρ(y) = β·(log π(y) − log π_ref(y))`` and ``h = (ρ(y_w) − ρ(y_l)) / β``:
 
@@ -103,20 +105,21 @@ def dpo_loss(
             raise ValueError(f"unknown DPO variant {variant!r}; expected one of {sorted(DPO_VARIANTS)}")
 
     margin_B = chosen_reward_B - rejected_reward_B
+    weights_B = jnp.ones_like(margin_B) if weights_B is None else jnp.asarray(weights_B, jnp.float32)
     metrics = {}
     if nll_coef:
         if chosen_lengths_B is None:
             raise ValueError("nll_coef needs chosen_lengths_B (the response token counts)")
         nll_B = chosen_nll(policy_chosen_logps_B, chosen_lengths_B)
-        metrics["dpo/chosen_nll"] = Metric.mean_of(nll_B)
+        metrics["dpo/chosen_nll"] = Metric.masked(nll_B, weights_B)
         loss_B = loss_B + nll_coef * nll_B
-    loss = Metric.mean_of(loss_B)
+    loss = Metric.masked(loss_B, weights_B)
     metrics |= {
         "dpo/loss": loss,
-        "dpo/accuracy": Metric.mean_of((margin_B > 0).astype(jnp.float32)),
-        "dpo/margin": Metric.mean_of(margin_B),
-        "dpo/chosen_reward": Metric.mean_of(chosen_reward_B),
-        "dpo/rejected_reward": Metric.mean_of(rejected_reward_B),
+        "dpo/accuracy": Metric.masked((margin_B > 0).astype(jnp.float32), weights_B),
+        "dpo/margin": Metric.masked(margin_B, weights_B),
+        "dpo/chosen_reward": Metric.masked(chosen_reward_B, weights_B),
+        "dpo/rejected_reward": Metric.masked(rejected_reward_B, weights_B),
     }
     return loss.mean(), metrics
 

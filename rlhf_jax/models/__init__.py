@@ -17,6 +17,7 @@ from rlhf_jax.models.decoder import (
     positions_from_mask,
     prefill,
     rope_inv_freq,
+    unembed,
 )
 from rlhf_jax.models.heads import init_scalar_head, scalar_head, scalar_head_logical_axes
 from rlhf_jax.models.hf_io import check_tokenizer, load_pretrained, save_pretrained
@@ -38,6 +39,7 @@ __all__ = [
     "param_specs",
     "positions_from_mask",
     "prefill",
+    "unembed",
     "rope_inv_freq",
     "save_pretrained",
     "scalar_head",

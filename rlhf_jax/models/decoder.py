@@ -233,7 +233,7 @@ def _embed(cfg: ModelConfig, params: Params, input_ids_BT, positions_BT) -> jax.
     return x_BTD.astype(cfg.compute_dtype)
 
 
-def _unembed(cfg: ModelConfig, params: Params, hidden_BTD: jax.Array) -> jax.Array:
+def unembed(cfg: ModelConfig, params: Params, hidden_BTD: jax.Array) -> jax.Array:
     """Float32 logits: hidden · lm_head, or hidden · embeddingᵀ when tied (2-D matmul, as in ``_dense``)."""
     B, T, D = hidden_BTD.shape
     if cfg.tie_embeddings:
@@ -300,7 +300,7 @@ def forward(cfg: ModelConfig, params: Params, input_ids_BT: jax.Array, attention
     """Next-token logits (B, T, V), float32. ``positions_BT`` defaults to ``positions_from_mask``;
     ``segment_ids_BT`` (packed rows: 1, 2, ... per example, 0 = padding) keeps attention within each
     example, see :func:`forward_hidden`."""
-    return _unembed(cfg, params, forward_hidden(cfg, params, input_ids_BT, attention_mask_BT, positions_BT,
+    return unembed(cfg, params, forward_hidden(cfg, params, input_ids_BT, attention_mask_BT, positions_BT,
                                                 segment_ids_BT=segment_ids_BT))
 
 
@@ -343,7 +343,7 @@ def _extend(cfg: ModelConfig, params: Params, input_ids_BT, attention_mask_BT, c
                                     kv=(cache.keys, cache.values), slot=cache.index, attend_slots=attend_slots)
     if last_only:
         x_BTD = x_BTD[:, -1:]
-    logits_BTV = _unembed(cfg, params, _norm(cfg, params["final_norm"], x_BTD))
+    logits_BTV = unembed(cfg, params, _norm(cfg, params["final_norm"], x_BTD))
     new_cache = KVCache(keys=keys, values=values, mask_BS=mask_BS,
                         next_pos_B=cache.next_pos_B + jnp.sum(mask_BT, axis=1, dtype=jnp.int32), index=cache.index + T)
     return logits_BTV, new_cache
