@@ -112,6 +112,8 @@ def later_round(cfg: PipelineConfig, r: int, timings: dict) -> dict:
                                  data=dataclasses.replace(cfg.rm.data, path=str(train_file), eval_path=str(eval_file)))
     rm = _stage(f"round {r}: reward model", "rm", reward_model.main, rm_cfg, cfg, timings, out=str(out))
     rm["agreement_ceiling"] = ceiling
+    # the reward model PPO used so far, on the same held-out pairs: what retraining gained
+    rm["previous_rm_accuracy"] = rm_pair_accuracy(str(_round_dir(cfg, r - 1) / "rm" / "hf"), _read_jsonl(eval_file), cfg)
     ppo_cfg = dataclasses.replace(cfg.ppo, model=dataclasses.replace(cfg.ppo.model, path=policy_hf), reference=sft_hf,
                                   reward_model=str(out / "rm" / "hf"))
     return {"rm": rm, "ppo": _stage(f"round {r}: PPO", "ppo", ppo.main, ppo_cfg, cfg, timings, out=str(out))}
@@ -155,6 +157,24 @@ def annotate_policy_samples(cfg: PipelineConfig, r: int, policy_hf: str, out: pa
     ceiling = simulated.Annotator().agreement_ceiling([row["prompt"] for row in eval_rows],
                                                       [(row["chosen"], row["rejected"]) for row in eval_rows])
     return train_file, eval_file, ceiling
+
+
+def rm_pair_accuracy(rm_hf: str, rows: list[dict], cfg: PipelineConfig) -> float:
+    """Share of the pairwise ``rows`` on which the reward model at ``rm_hf`` scores chosen above rejected."""
+    import jax
+    import numpy as np
+
+    from rlhf_jax import steps
+    from rlhf_jax.data import collate_pairs, encode, parse_row
+
+    model_cfg, rm_params, tokenizer = workflow.load_reward_model(rm_hf, cfg.rm.model)
+    parsed = [parse_row(row, "pairwise", source=f"<pairs for {rm_hf}>:{i + 1}") for i, row in enumerate(rows)]
+    batch = collate_pairs(encode(parsed, tokenizer, max_len=cfg.rm.max_len), pad_id=tokenizer.pad_token_id,
+                          length=cfg.rm.max_len)
+    score = jax.jit(steps.reward_scores, static_argnums=0)
+    chosen = score(model_cfg, rm_params, batch.chosen_ids_BT, batch.chosen_attention_mask_BT)
+    rejected = score(model_cfg, rm_params, batch.rejected_ids_BT, batch.rejected_attention_mask_BT)
+    return float(np.mean(np.asarray(chosen) > np.asarray(rejected)))
 
 
 def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
@@ -207,9 +227,11 @@ def write_report(out: pathlib.Path, results: dict, timings: dict) -> pathlib.Pat
                   + (f" (annotator agreement ceiling {ceiling:.1%})" if ceiling else "")]
     for key, res in results.items():
         if key.startswith("round") and res.get("rm", {}).get("accuracy") is not None:
+            previous = res["rm"].get("previous_rm_accuracy")
             lines += ["", f"Round {key[5:]} reward model, accuracy on held-out pairs of the round-start policy's "
-                      f"samples: **{res['rm']['accuracy']:.1%}** (annotator agreement ceiling "
-                      f"{res['rm']['agreement_ceiling']:.1%})"]
+                      f"samples: **{res['rm']['accuracy']:.1%}**"
+                      + (f" (the previous round's reward model: {previous:.1%})" if previous is not None else "")
+                      + f"; annotator agreement ceiling {res['rm']['agreement_ceiling']:.1%}"]
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in timings.items()]
 
     if rows:
@@ -247,7 +269,8 @@ def write_report(out: pathlib.Path, results: dict, timings: dict) -> pathlib.Pat
                   f"{s['response']} ({s['gold']:.2f}) |" for s in ev["samples"][:5]]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    workflow.write_json(out / "results.json", {"table": rows, "rm": rm, "timings": timings})
+    rm_rounds = {key: res["rm"] for key, res in results.items() if key.startswith("round") and "rm" in res}
+    workflow.write_json(out / "results.json", {"table": rows, "rm": rm, "rm_rounds": rm_rounds, "timings": timings})
     return report
 
 

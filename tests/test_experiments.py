@@ -121,6 +121,17 @@ def test_iterated_round_annotates_policy_samples_and_keeps_the_sft_reference(pip
     def kl_by_iteration(folder):
         return [m["rollout/kl"] for m in _jsonl(folder / "metrics.jsonl") if "rollout/kl" in m]
 
+    # the retrained and the previous reward model are scored on the same held-out policy pairs; the
+    # pipeline's scorer reproduces the RM stage's own held-out accuracy (one tie may flip)
+    rm = json.loads((pipeline_run / "results.json").read_text())["rm_rounds"]["round2"]
+    assert 0.0 <= rm["previous_rm_accuracy"] <= 1.0
+    sys.path.insert(0, str(EXPERIMENTS))
+    import pipeline
+
+    config = pipeline.PipelineConfig(rm=pipeline.reward_model.RewardConfig())
+    rescored = pipeline.rm_pair_accuracy(str(round2 / "rm" / "hf"), _jsonl(round2 / "comparisons_eval.jsonl"), config)
+    assert abs(rescored - rm["accuracy"]) <= 1 / 32 + 1e-9
+
     round1, round2_kl = kl_by_iteration(pipeline_run / "ppo"), kl_by_iteration(round2 / "ppo")
     assert abs(round1[0]) < 0.02  # round 1 starts at its reference: KL 0
     assert round1[-1] > 0.2
