@@ -26,6 +26,7 @@ import ppo
 import reward_model
 import sft
 from rlhf_jax import workflow
+from rlhf_jax.data import load_source, simulated
 from rlhf_jax.logging import read_metrics
 
 
@@ -106,28 +107,27 @@ def later_round(cfg: PipelineConfig, r: int, timings: dict) -> dict:
     sft_hf = str(pathlib.Path(cfg.out) / "sft" / "hf")
     policy_hf = str(_round_dir(cfg, r - 1) / "ppo" / "hf")
     t0 = time.perf_counter()
-    train_file, eval_file, ceiling = annotate_policy_samples(cfg, r, policy_hf, out)
+    train_file, eval_file = annotate_policy_samples(cfg, r, policy_hf, out)
     timings[f"round {r}: annotate"] = time.perf_counter() - t0
+    eval_pairs = load_source(str(eval_file), "pairwise")
     rm_cfg = dataclasses.replace(cfg.rm, model=dataclasses.replace(cfg.rm.model, path=sft_hf),
                                  data=dataclasses.replace(cfg.rm.data, path=str(train_file), eval_path=str(eval_file)))
     rm = _stage(f"round {r}: reward model", "rm", reward_model.main, rm_cfg, cfg, timings, out=str(out))
-    rm["agreement_ceiling"] = ceiling
+    rm["agreement_ceiling"] = simulated.Annotator().agreement_ceiling([p.prompt for p in eval_pairs],
+                                                                      [(p.chosen, p.rejected) for p in eval_pairs])
     # the reward model PPO used so far, on the same held-out pairs: what retraining gained
-    rm["previous_rm_accuracy"] = rm_pair_accuracy(str(_round_dir(cfg, r - 1) / "rm" / "hf"), _read_jsonl(eval_file), cfg)
+    rm["previous_rm_accuracy"] = rm_pair_accuracy(str(_round_dir(cfg, r - 1) / "rm" / "hf"), eval_pairs, cfg)
     ppo_cfg = dataclasses.replace(cfg.ppo, model=dataclasses.replace(cfg.ppo.model, path=policy_hf), reference=sft_hf,
                                   reward_model=str(out / "rm" / "hf"))
     return {"rm": rm, "ppo": _stage(f"round {r}: PPO", "ppo", ppo.main, ppo_cfg, cfg, timings, out=str(out))}
 
 
 def annotate_policy_samples(cfg: PipelineConfig, r: int, policy_hf: str, out: pathlib.Path
-                            ) -> tuple[pathlib.Path, pathlib.Path, float]:
+                            ) -> tuple[pathlib.Path, pathlib.Path]:
     """Write <out>/comparisons.jsonl: round 1's comparisons, every later round's up to r (pairs of
     that round's starting policy's samples on fresh train prompts, ordered by the simulated annotator),
-    and <out>/comparisons_eval.jsonl: this round's pairs on held-out prompts. Returns the two files and
-    the annotator's agreement ceiling on the held-out pairs."""
+    and <out>/comparisons_eval.jsonl: this round's pairs on held-out prompts. Returns the two files."""
     import jax
-
-    from rlhf_jax.data import simulated
 
     train_file, eval_file = out / "comparisons.jsonl", out / "comparisons_eval.jsonl"
     new_file = out / "new_comparisons.jsonl"
@@ -153,23 +153,20 @@ def annotate_policy_samples(cfg: PipelineConfig, r: int, policy_hf: str, out: pa
         _write_jsonl(new_file, new_rows)
         _write_jsonl(train_file, earlier + new_rows)
         _write_jsonl(eval_file, eval_rows)
-    eval_rows = _read_jsonl(eval_file)
-    ceiling = simulated.Annotator().agreement_ceiling([row["prompt"] for row in eval_rows],
-                                                      [(row["chosen"], row["rejected"]) for row in eval_rows])
-    return train_file, eval_file, ceiling
+    return train_file, eval_file
 
 
-def rm_pair_accuracy(rm_hf: str, rows: list[dict], cfg: PipelineConfig) -> float:
-    """Share of the pairwise ``rows`` on which the reward model at ``rm_hf`` scores chosen above rejected."""
+def rm_pair_accuracy(rm_hf: str, pairs: list, cfg: PipelineConfig) -> float:
+    """Share of ``pairs`` (``PairRow``s, e.g. from ``load_source``) on which the reward model at
+    ``rm_hf`` scores chosen above rejected."""
     import jax
     import numpy as np
 
     from rlhf_jax import steps
-    from rlhf_jax.data import collate_pairs, encode, parse_row
+    from rlhf_jax.data import collate_pairs, encode
 
     model_cfg, rm_params, tokenizer = workflow.load_reward_model(rm_hf, cfg.rm.model)
-    parsed = [parse_row(row, "pairwise", source=f"<pairs for {rm_hf}>:{i + 1}") for i, row in enumerate(rows)]
-    batch = collate_pairs(encode(parsed, tokenizer, max_len=cfg.rm.max_len), pad_id=tokenizer.pad_token_id,
+    batch = collate_pairs(encode(pairs, tokenizer, max_len=cfg.rm.max_len), pad_id=tokenizer.pad_token_id,
                           length=cfg.rm.max_len)
     score = jax.jit(steps.reward_scores, static_argnums=0)
     chosen = score(model_cfg, rm_params, batch.chosen_ids_BT, batch.chosen_attention_mask_BT)

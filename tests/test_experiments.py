@@ -129,7 +129,8 @@ def test_iterated_round_annotates_policy_samples_and_keeps_the_sft_reference(pip
     import pipeline
 
     config = pipeline.PipelineConfig(rm=pipeline.reward_model.RewardConfig())
-    rescored = pipeline.rm_pair_accuracy(str(round2 / "rm" / "hf"), _jsonl(round2 / "comparisons_eval.jsonl"), config)
+    eval_pairs = pipeline.load_source(str(round2 / "comparisons_eval.jsonl"), "pairwise")
+    rescored = pipeline.rm_pair_accuracy(str(round2 / "rm" / "hf"), eval_pairs, config)
     assert abs(rescored - rm["accuracy"]) <= 1 / 32 + 1e-9
 
     round1, round2_kl = kl_by_iteration(pipeline_run / "ppo"), kl_by_iteration(round2 / "ppo")
