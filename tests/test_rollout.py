@@ -120,6 +120,28 @@ def test_sampler_frequencies_match_reported_logps():
     np.testing.assert_array_equal(probs > 0, want)
 
 
+def test_categorical_matches_softmax_across_blocks():
+    """Two-level inverse CDF: frequencies equal softmax over a vocabulary of several (ragged) blocks,
+    with the mass on both sides of block boundaries, and -inf tokens (a whole block too) never drawn."""
+    V, n = 300, 200_000
+    logits_V = np.full(V, -np.inf, np.float32)
+    kept = [0, 1, 63, 64, 100, 127, 192, 250, 298, 299]  # block 2 (128..191) is empty
+    logits_V[kept] = np.linspace(1.0, -1.0, len(kept))
+    draws = jax.jit(rollout.categorical)(jax.random.key(1), jnp.broadcast_to(jnp.asarray(logits_V), (n, V)))
+    freqs = np.bincount(np.asarray(draws), minlength=V) / n
+    probs = np.exp(logits_V - logits_V.max())
+    probs /= probs.sum()
+    assert set(np.flatnonzero(freqs)) == set(kept)
+    np.testing.assert_allclose(freqs, probs, atol=4 * np.sqrt(probs.max() / n))
+
+
+def test_greedy_is_first_argmax():
+    rng = np.random.default_rng(5)
+    logits = _random_logits(rng, (64, 50), ties=True)
+    logits[3, [7, 20]] = np.nan  # the first NaN wins, as in argmax
+    np.testing.assert_array_equal(np.asarray(rollout.greedy(jnp.asarray(logits))), np.argmax(logits, axis=-1))
+
+
 # ----------------------------------------------------------------------------- generation on tiny checkpoints
 
 P, R = 7, 12
