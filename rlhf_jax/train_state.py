@@ -123,19 +123,33 @@ def place_train_state(params: Params, optimizer: optax.GradientTransformation, m
                       axes_tree: Any, *, frozen: Params | None = None, frozen_axes: Any = None) -> TrainState:
     """A sharded state around already-loaded parameters (``models.load_pretrained``, host or device).
 
-    Parameters are copied onto their shardings (``frozen`` never shares buffers with ``params``,
-    so the same loaded tree can serve as both policy and reference); the optimizer state is
-    created in place by a jit with ``out_shardings``.
+    Parameters are copied onto their shardings into fresh buffers (``frozen`` never shares buffers
+    with ``params``, so the same loaded tree can serve as both policy and reference, and nothing
+    aliases the caller's host arrays); the optimizer state is created in place by a jit with
+    ``out_shardings``.
     """
     frozen = frozen if frozen is not None else {}
     param_sh = logical_to_sharding(axes_tree, mesh, rules, params)
     frozen_sh = logical_to_sharding(frozen_axes if frozen_axes is not None else {}, mesh, rules, frozen)
-    params = jax.device_put(params, param_sh, may_alias=False)
-    frozen = jax.device_put(frozen, frozen_sh, may_alias=False)
+    params = _fresh_copy(params, param_sh)
+    frozen = _fresh_copy(frozen, frozen_sh)
     opt_sh = _opt_state_shardings(optimizer, jax.eval_shape(optimizer.init, params), param_sh, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
     return TrainState(step=step, params=params, opt_state=opt_state, frozen=frozen)
+
+
+def _fresh_copy(tree: Any, shardings: Any) -> Any:
+    """``tree`` (host or device arrays) on ``shardings``, in newly allocated device buffers.
+
+    ``jax.device_put(..., may_alias=False)`` is not enough: on a CPU mesh whose devices hold
+    replicated copies, a numpy array can come back aliased (zero-copy) on the first device, so the
+    same host tree placed twice yields one buffer in two places, and donating the state then fails
+    ("donate the same buffer twice") or writes into the caller's arrays. A jitted copy cannot
+    return its (non-donated) input buffers, and ``in_shardings`` transfers each device only its shard.
+    """
+    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), in_shardings=(shardings,), out_shardings=shardings)
+    return copy(tree)
 
 
 def shardings_of(tree: Any) -> Any:

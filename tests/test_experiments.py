@@ -45,8 +45,11 @@ def _env() -> dict:
     return env
 
 
-def _run(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(EXPERIMENTS / script), *args], cwd=ROOT, env=_env(),
+def _run(script: str, *args: str, timeout: int = 900, host_devices: int | None = None) -> subprocess.CompletedProcess:
+    env = _env()
+    if host_devices:  # a data-parallel mesh over that many simulated CPU devices (the scripts' default mesh)
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={host_devices}"
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
@@ -177,6 +180,21 @@ def test_each_script_cli(pipeline_run, tmp_path):
     assert (out / "dpo_ipo" / "hf" / "model.safetensors").exists()
     proc = _run("best_of_n.py", *common, "--n", "2", "--num-eval-prompts", "8")
     assert "n=2" in proc.stdout
+
+
+def test_scripts_on_a_two_device_mesh(pipeline_run, tmp_path):
+    """PPO and DPO start the policy and the frozen reference from the same loaded checkpoint; on a
+    multi-device mesh they must still get separate buffers, or the donated train step fails."""
+    out = tmp_path / "run"
+    shutil.copytree(pipeline_run / "sft" / "hf", out / "sft" / "hf")
+    shutil.copytree(pipeline_run / "rm" / "hf", out / "rm" / "hf")
+    common = ["--run.out", str(out)]
+    proc = _run("ppo.py", *common, "--iterations", "2", "--rollout-prompts", "8", "--num-minibatches", "2",
+                "--epochs", "1", "--eval-every", "2", "--num-eval-prompts", "8", host_devices=2)
+    assert "[ppo] step 2" in proc.stdout
+    _run("dpo.py", *common, "--steps", "2", "--eval-every", "2", "--batch-size", "8", "--data.num-train", "32",
+         "--data.num-eval", "16", "--num-eval-prompts", "8", host_devices=2)
+    assert (out / "dpo" / "hf" / "model.safetensors").exists()
 
 
 def test_pipeline_resumes_after_kill_during_ppo(pipeline_run, tmp_path):

@@ -40,19 +40,30 @@ def test_create_train_state_initialises_shards_in_place():
     assert int(state.step) == 0 and state.frozen == {}
 
 
-def test_place_loaded_params_as_policy_and_reference():
-    mesh = make_mesh(MeshConfig(data=2, tensor=4))
+def _assert_no_shared_buffers(state):
+    """No two leaves (or a leaf and host memory the caller still holds) share a device buffer: a
+    donated state with a shared buffer fails ("donate the same buffer twice") or corrupts memory."""
+    seen = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        for shard in x.addressable_shards:
+            key = (shard.device.id, shard.data.unsafe_buffer_pointer())
+            assert key not in seen, f"{jax.tree_util.keystr(path)} shares a buffer with {seen[key]}"
+            seen[key] = jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("tensor", [1, 4])  # 1: parameters replicated on every device (a data-parallel mesh)
+def test_place_loaded_params_as_policy_and_reference(tensor):
+    mesh = make_mesh(MeshConfig(data=8 // tensor, tensor=tensor))
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=10))
     loaded = jax.device_get(_init())  # host arrays, as from models.load_pretrained
     state = place_train_state(loaded, optimizer, mesh, DEFAULT_RULES, AXES, frozen=loaded, frozen_axes=AXES)
     q = state.params["layers"]["attn"]["q"]["kernel"]
-    assert q.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor" if tensor > 1 else None, None)
     assert state.frozen["layers"]["attn"]["q"]["kernel"].sharding == q.sharding
+    _assert_no_shared_buffers(state)
     # Reuse the device params as the reference too: still separate buffers, so donation is safe.
     state = place_train_state(state.params, optimizer, mesh, DEFAULT_RULES, AXES, frozen=state.params, frozen_axes=AXES)
-    pointers = lambda x: {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.frozen)):
-        assert not pointers(a) & pointers(b)
+    _assert_no_shared_buffers(state)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), loaded)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), loaded)
     assert state.opt_state[1][0].nu["layers"]["attn"]["q"]["kernel"].sharding == q.sharding
