@@ -1,19 +1,26 @@
 """New tokens per second: ``rlhf_jax.rollout.generate`` vs transformers ``generate`` (PyTorch, CPU).
 
-Both sides get the same weights (a Llama-style model written once with transformers and loaded with
-``models.load_pretrained``), the same left-padded prompts, and produce exactly ``--new-tokens``
-tokens per row (no EOS on our side, ``min_new_tokens = max_new_tokens`` on theirs). Each mode is
-run once to warm up (our first call includes compilation, reported separately), then ``--runs``
+Two presets, both run by default:
+
+- ``embedded``: the embedded default's tiny Llama (hidden 128, 4 layers, 4 heads / 2 KV heads,
+  vocabulary 1024, tied embeddings; random weights) at the shape PPO samples it in the pipeline:
+  64 prompts of 32 tokens, 48 new tokens.
+- ``d256``: a larger Llama (4 layers, d_model 256, MLP 1024, vocabulary 4096; ``--layers``,
+  ``--d-model``, ``--vocab`` change it): 16 prompts of 64 tokens, 128 new tokens. Its fp32 weights
+  (21 MB) and KV cache (up to 25 MB) no longer fit the caches, so decoding is memory-bound.
+
+Both sides get the same weights (written once with transformers and loaded with
+``models.load_pretrained``), the same left-padded prompts, and produce exactly the same number of
+new tokens per row (no EOS on our side, ``min_new_tokens = max_new_tokens`` on theirs). Each mode
+is run once to warm up (our first call includes compilation, reported separately), then ``--runs``
 times, alternating between the two sides; the table gives medians.
 
-    python benchmarks/generation.py                       # 4 layers, d 256, vocab 4096
-    python benchmarks/generation.py --batch 32 --new-tokens 256
-    # one thread on each side: less distorted when other jobs share the cores
-    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
-        python benchmarks/generation.py --torch-threads 1
-    # every core on each side: torch's intra-op threads against one XLA CPU device per core, the
-    # batch split over them (rlhf_jax's data-parallel mesh, as on a multi-device machine)
-    XLA_FLAGS="--xla_force_host_platform_device_count=2" python benchmarks/generation.py --torch-threads 2
+    python benchmarks/generation.py                       # both presets, every core on each side
+    python benchmarks/generation.py --preset d256 --batch 32 --new-tokens 256
+    # one core each: torch with one thread, XLA without its multi-threaded Eigen, both pinned to core 0
+    XLA_FLAGS=--xla_cpu_multi_thread_eigen=false taskset -c 0 python benchmarks/generation.py --torch-threads 1
+    # the batch split over one XLA CPU device per core (rlhf_jax's data-parallel mesh)
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/generation.py --torch-threads 2
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import numpy as np
 import torch
 import transformers
 
-from rlhf_jax import models, rollout, sharding
+from rlhf_jax import models, rollout, sharding, workflow
 
 MODES = {  # name -> (temperature, top_k, top_p)
     "greedy": (0.0, None, None),
@@ -37,27 +44,41 @@ MODES = {  # name -> (temperature, top_k, top_p)
 }
 
 
-def write_checkpoint(out_dir: str, args) -> transformers.LlamaForCausalLM:
+PRESETS = {  # name -> (batch, prompt length, new tokens)
+    "embedded": (64, 32, 48),
+    "d256": (16, 64, 128),
+}
+
+
+def model_config(preset: str, args) -> transformers.LlamaConfig:
+    if preset == "embedded":
+        config = transformers.AutoConfig.from_pretrained(workflow.embedded_model_dir())
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.d_model,
+            intermediate_size=4 * args.d_model,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.d_model // 64,
+            num_key_value_heads=args.d_model // 64,
+            tie_word_embeddings=False,
+        )
+    config.max_position_embeddings = max(config.max_position_embeddings, args.prompt_len + args.new_tokens)
+    config.eos_token_id = None  # no early stop on either side (and no EOS suppression changing theirs)
+    return config
+
+
+def write_checkpoint(out_dir: str, config: transformers.LlamaConfig) -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.d_model,
-        intermediate_size=4 * args.d_model,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.d_model // 64,
-        num_key_value_heads=args.d_model // 64,
-        max_position_embeddings=args.prompt_len + args.new_tokens,
-        tie_word_embeddings=False,
-    )
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(out_dir)
     return model
 
 
-def left_padded_prompts(args) -> tuple[np.ndarray, np.ndarray]:
+def left_padded_prompts(args, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     lengths = rng.integers(args.prompt_len // 2, args.prompt_len + 1, size=args.batch)
-    ids = rng.integers(3, args.vocab, size=(args.batch, args.prompt_len)).astype(np.int32)
+    ids = rng.integers(3, vocab, size=(args.batch, args.prompt_len)).astype(np.int32)
     mask = (np.arange(args.prompt_len)[None] >= args.prompt_len - lengths[:, None]).astype(np.int32)
     return np.where(mask == 1, ids, 0), mask
 
@@ -82,21 +103,34 @@ def compare(ours, theirs, runs: int) -> tuple[float, list[float], list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--preset", choices=[*PRESETS, "all"], default="all")
+    parser.add_argument("--layers", type=int, default=4, help="d256 preset")
+    parser.add_argument("--d-model", type=int, default=256, help="d256 preset")
+    parser.add_argument("--vocab", type=int, default=4096, help="d256 preset")
+    parser.add_argument("--batch", type=int, help="default: the preset's")
+    parser.add_argument("--prompt-len", type=int, help="default: the preset's")
+    parser.add_argument("--new-tokens", type=int, help="default: the preset's")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
-
     torch.set_num_threads(args.torch_threads)
+    print(f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, jax devices {jax.device_count()}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; jax {jax.__version__}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
+    for preset in PRESETS if args.preset == "all" else [args.preset]:
+        batch, prompt_len, new_tokens = PRESETS[preset]
+        run_args = argparse.Namespace(**{**vars(args), "batch": args.batch or batch,
+                                         "prompt_len": args.prompt_len or prompt_len,
+                                         "new_tokens": args.new_tokens or new_tokens})
+        compare_preset(preset, run_args)
+
+
+def compare_preset(preset: str, args) -> None:
+    config = model_config(preset, args)
     with tempfile.TemporaryDirectory() as ckpt:
-        hf_model = write_checkpoint(ckpt, args)
+        hf_model = write_checkpoint(ckpt, config)
         cfg, params = models.load_pretrained(ckpt)
-    ids_np, mask_np = left_padded_prompts(args)
+    ids_np, mask_np = left_padded_prompts(args, config.vocab_size)
     ids_pt, mask_pt = torch.from_numpy(ids_np).long(), torch.from_numpy(mask_np).long()
     ids_in, mask_in = ids_np, mask_np
     if jax.device_count() > 1:  # batch over a data-parallel mesh of every device, parameters replicated
@@ -106,11 +140,10 @@ def main() -> None:
     R = args.new_tokens
     new_tokens = args.batch * R
 
-    print(f"Llama {args.layers} layers, d_model {args.d_model}, vocab {args.vocab}; batch {args.batch}, "
-          f"prompt {args.prompt_len} (left-padded), {R} new tokens; {os.cpu_count()} CPU cores, "
-          f"torch threads {torch.get_num_threads()}, jax devices {jax.device_count()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-          f"load average {os.getloadavg()[0]:.2f}; jax {jax.__version__}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
+    print(f"\n{preset}: Llama {config.num_hidden_layers} layers, hidden {config.hidden_size}, MLP "
+          f"{config.intermediate_size}, heads {config.num_attention_heads} / {config.num_key_value_heads} KV, vocab "
+          f"{config.vocab_size}; batch {args.batch}, prompt {args.prompt_len} (left-padded), {R} new tokens; "
+          f"load average {os.getloadavg()[0]:.2f}")
     print("| mode | rlhf_jax tok/s | transformers tok/s | speed-up | rlhf_jax compile s |")
     print("|---|---|---|---|---|", flush=True)
     for name, (temperature, top_k, top_p) in MODES.items():

@@ -142,14 +142,16 @@ def place_train_state(params: Params, optimizer: optax.GradientTransformation, m
 def _fresh_copy(tree: Any, shardings: Any) -> Any:
     """``tree`` (host or device arrays) on ``shardings``, in newly allocated device buffers.
 
-    ``jax.device_put(..., may_alias=False)`` is not enough: on a CPU mesh whose devices hold
+    ``jax.device_put(..., may_alias=False)`` alone is not enough: on a CPU mesh whose devices hold
     replicated copies, a numpy array can come back aliased (zero-copy) on the first device, so the
     same host tree placed twice yields one buffer in two places, and donating the state then fails
-    ("donate the same buffer twice") or writes into the caller's arrays. A jitted copy cannot
-    return its (non-donated) input buffers, and ``in_shardings`` transfers each device only its shard.
+    ("donate the same buffer twice") or writes into the caller's arrays. So the placed arrays go
+    through a jitted copy, which cannot return its (non-donated) input buffers; each device copies
+    only its own shards. (Placing first also keeps multi-process runs working: jit does not take
+    numpy inputs with non-replicated shardings there.)
     """
-    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), in_shardings=(shardings,), out_shardings=shardings)
-    return copy(tree)
+    placed = jax.device_put(tree, shardings, may_alias=False)
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(placed)
 
 
 def shardings_of(tree: Any) -> Any:
