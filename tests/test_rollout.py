@@ -325,7 +325,20 @@ def test_sharded_generate_on_8_device_mesh_equals_single_device(llama, sampled):
     assert len(ids.sharding.device_set) == 8
 
     generate = jax.jit(lambda p, i, m: rollout.generate(cfg, p, i, m, key=jax.random.key(4), temperature=1.0, **SAMPLED))
-    multi = generate(sharded_params, ids, mask)
-    np.testing.assert_array_equal(np.asarray(multi.sequences_BT), np.asarray(sampled.sequences_BT))
-    np.testing.assert_array_equal(np.asarray(multi.response_mask_BR), np.asarray(sampled.response_mask_BR))
-    np.testing.assert_allclose(np.asarray(multi.logps_BR), np.asarray(sampled.logps_BR), atol=1e-5, rtol=0)
+    # Under an outer jit, and called directly on the sharded arrays (which checks for all-finished
+    # rows only every few steps, since that check is a collective): the same rollout either way.
+    assert rollout._done_check_every(ids) > 1
+    direct = rollout.generate(cfg, sharded_params, ids, mask, key=jax.random.key(4), temperature=1.0, **SAMPLED)
+    for multi in (generate(sharded_params, ids, mask), direct):
+        np.testing.assert_array_equal(np.asarray(multi.sequences_BT), np.asarray(sampled.sequences_BT))
+        np.testing.assert_array_equal(np.asarray(multi.response_mask_BR), np.asarray(sampled.response_mask_BR))
+        np.testing.assert_allclose(np.asarray(multi.logps_BR), np.asarray(sampled.logps_BR), atol=1e-5, rtol=0)
+    # Every row ends within a few steps (most tokens are EOS), so the sharded loop runs past the
+    # last EOS until its next check: those extra steps must only write padding.
+    early = dict(SAMPLED, eos_ids=tuple(range(3, 80)))
+    single = rollout.generate(cfg, params, *left_padded_prompts(4), key=jax.random.key(5), **early)
+    assert int(np.asarray(single.lengths_B).max()) < 4
+    multi = rollout.generate(cfg, sharded_params, ids, mask, key=jax.random.key(5), **early)
+    for field in ("sequences_BT", "response_mask_BR", "lengths_B", "has_eos_B"):
+        np.testing.assert_array_equal(np.asarray(getattr(multi, field)), np.asarray(getattr(single, field)), field)
+    np.testing.assert_allclose(np.asarray(multi.logps_BR), np.asarray(single.logps_BR), atol=1e-5, rtol=0)
