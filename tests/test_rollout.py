@@ -2,13 +2,16 @@
 ``generate``, sampling log-probs against a fresh full forward pass, EOS handling, keys, meshes."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
+
 import jax
 import jax.numpy as jnp
 import torch
 
-from hf_fixtures import PAD_ID, VOCAB, load_hf_model, make_tiny_checkpoint
+from hf_fixtures import FAMILIES, PAD_ID, VOCAB, load_hf_model, make_tiny_checkpoint
 from rlhf_jax import models, rollout, sharding
 from rlhf_jax.configs import MeshConfig
 
@@ -229,22 +232,64 @@ def test_logps_equal_full_forward_pass(llama, sampled, temperature):
     assert (np.asarray(r.logps_BR)[~m] == 0).all()
 
 
-def test_long_responses_decode_in_phases_with_exact_logps_and_greedy_parity(llama):
-    """Past 64 new tokens the decode loop runs in phases that read only part of the cache: the
-    log-probs still equal a full forward pass, and greedy still equals transformers."""
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_long_responses_decode_in_phases_with_exact_logps_and_greedy_parity(llama, per_layer):
+    """Past 64 new tokens the decode loop runs in phases that read only part of the cache (stacked)
+    or grow it (per layer): the log-probs still equal a full forward pass, and greedy still equals
+    transformers."""
     path, cfg, params = llama
     long_r = 100
     assert len(rollout._phase_ends(long_r)) == 3
     ids, mask = left_padded_prompts(3)
-    r = rollout.generate(cfg, params, ids, mask, key=jax.random.key(1), max_new_tokens=long_r, temperature=1.0)
+    gen = functools.partial(rollout.generate, cfg, params, ids, mask, key=jax.random.key(1), max_new_tokens=long_r,
+                            per_layer=per_layer)
+    r = gen(temperature=1.0)
     assert (np.asarray(r.lengths_B) == long_r).all()
     np.testing.assert_allclose(np.asarray(r.logps_BR), full_forward_logps(cfg, params, r), atol=1e-5, rtol=0)
-    greedy = rollout.generate(cfg, params, ids, mask, key=jax.random.key(1), max_new_tokens=long_r, temperature=0.0)
+    greedy = gen(temperature=0.0)
     with torch.no_grad():
         want = load_hf_model(path).generate(input_ids=torch.from_numpy(ids).long(),
                                             attention_mask=torch.from_numpy(mask).long(), do_sample=False,
                                             max_new_tokens=long_r, min_new_tokens=long_r, pad_token_id=PAD_ID).numpy()
     np.testing.assert_array_equal(np.asarray(greedy.sequences_BT), want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_layer_decoding_equals_the_layer_scan(family, tmp_path):
+    """Unrolled layers over per-layer weights and cache buffers give the stacked scan's rollout:
+    every family (GQA, biases, learned positions, parallel residual, partial rotary), EOS padding,
+    several samples per prompt."""
+    cfg, params = models.load_pretrained(make_tiny_checkpoint(family, tmp_path))
+    ids, mask = left_padded_prompts(3)
+    runs = [rollout.generate(cfg, params, ids, mask, key=jax.random.key(2), temperature=1.0, per_layer=per_layer,
+                             **SAMPLED) for per_layer in (False, True)]
+    for field in ("sequences_BT", "response_mask_BR", "lengths_B", "has_eos_B"):
+        np.testing.assert_array_equal(np.asarray(getattr(runs[1], field)), np.asarray(getattr(runs[0], field)), field)
+    np.testing.assert_allclose(np.asarray(runs[1].logps_BR), np.asarray(runs[0].logps_BR), atol=1e-6, rtol=0)
+
+
+def test_per_layer_cache_helpers(llama):
+    _, cfg, params = llama
+    ids, mask = left_padded_prompts(2)
+    cache = models.init_cache(cfg, 2, P + 3)
+    _, cache = models.prefill(cfg, params, ids, mask, cache)
+    per_layer = models.unstack_cache(cache, P + 1)
+    assert len(per_layer.keys) == cfg.n_layers and per_layer.keys[0].shape == (2, cfg.n_kv_heads, P + 1, cfg.head_dim)
+    np.testing.assert_array_equal(np.asarray(per_layer.values[1]), np.asarray(cache.values[1, :, :, :P + 1]))
+    grown = models.grow_cache(per_layer, P + 3)
+    assert grown.mask_BS.shape == (2, P + 3) and not np.asarray(grown.mask_BS[:, P:]).any()
+    token = jnp.asarray([5, 6], jnp.int32)
+    stacked_logits, _ = models.decode_step(cfg, params, cache, token)
+    layer_logits, _ = models.decode_step(cfg, models.unstack_layers(params), grown, token)
+    np.testing.assert_allclose(np.asarray(layer_logits), np.asarray(stacked_logits), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="per-layer parameters"):
+        models.decode_step(cfg, params, grown, token)
+    with pytest.raises(ValueError, match="attend_slots is for a stacked cache"):
+        models.decode_step(cfg, models.unstack_layers(params), grown, token, attend_slots=P + 1)
+    with pytest.raises(ValueError, match="must hold the 7 written ones"):
+        models.unstack_cache(cache, P - 1)
+    with pytest.raises(ValueError, match="cannot shrink"):
+        models.grow_cache(per_layer, P)
 
 
 def test_top_k_top_p_logps_are_those_of_the_filtered_distribution(llama):

@@ -13,11 +13,14 @@ from rlhf_jax.models.decoder import (
     decode_step,
     forward,
     forward_hidden,
+    grow_cache,
     init_cache,
     positions_from_mask,
     prefill,
     rope_inv_freq,
     unembed,
+    unstack_cache,
+    unstack_layers,
 )
 from rlhf_jax.models.heads import init_scalar_head, scalar_head, scalar_head_logical_axes
 from rlhf_jax.models.hf_io import check_tokenizer, load_pretrained, save_pretrained
@@ -31,6 +34,7 @@ __all__ = [
     "decode_step",
     "forward",
     "forward_hidden",
+    "grow_cache",
     "init_cache",
     "init_params",
     "init_scalar_head",
@@ -40,6 +44,8 @@ __all__ = [
     "positions_from_mask",
     "prefill",
     "unembed",
+    "unstack_cache",
+    "unstack_layers",
     "rope_inv_freq",
     "save_pretrained",
     "scalar_head",

@@ -41,12 +41,18 @@ from rlhf_jax.models.params import Params
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer for ``S`` slots per row (``E`` = head_dim)."""
+    """Keys and values of every layer for ``S`` slots per row (``E`` = head_dim).
 
-    keys: jax.Array
-    """(L, B, K, S, E) rotated keys."""
-    values: jax.Array
-    """(L, B, K, S, E) values."""
+    Stacked (``init_cache``): one (L, B, K, S, E) array each for keys and values, which the layer
+    scan of ``prefill`` / ``decode_step`` reads and writes per layer. Per layer (``unstack_cache``):
+    a tuple of L (B, K, S, E) arrays each, for decode loops that unroll the layers over
+    ``unstack_layers`` parameters (see there).
+    """
+
+    keys: Any
+    """(L, B, K, S, E) rotated keys, or a tuple of L (B, K, S, E) arrays."""
+    values: Any
+    """(L, B, K, S, E) values, or a tuple of L (B, K, S, E) arrays."""
     mask_BS: jax.Array
     """bool: slot holds a real token (False for left padding and unwritten slots)."""
     next_pos_B: jax.Array
@@ -137,7 +143,9 @@ def _attention(cfg: ModelConfig, p: Params, x_BTD, rope, allowed_BTS, kv, where)
     Without a cache (``kv`` is None) the keys are this sequence's. With one, ``kv`` is the whole
     stacked cache ``(keys_LBKSE, values_LBKSE)`` and ``where = (layer, slot, n)``: this step's keys
     and values are written into that layer at ``slot`` and the queries attend over the first ``n``
-    slots (static; all ``S`` when None). Returns the output and the updated ``kv``.
+    slots (static; all ``S`` when None). With ``layer`` None, ``kv`` is this layer's own
+    ``(keys_BKSE, values_BKSE)``, written at ``slot`` and read whole. Returns the output and the
+    updated ``kv``.
     """
     q_BTHE, k_BTKE, v_BTKE = (_dense(cfg, p[name], x_BTD) for name in ("q", "k", "v"))
     if rope is not None:
@@ -145,6 +153,12 @@ def _attention(cfg: ModelConfig, p: Params, x_BTD, rope, allowed_BTS, kv, where)
     scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
     if kv is None:
         out_BTHE = jax.nn.dot_product_attention(q_BTHE, k_BTKE, v_BTKE, mask=allowed_BTS[:, None], scale=scale)
+    elif where[0] is None:
+        zero = jnp.zeros((), jnp.int32)
+        kv = tuple(lax.dynamic_update_slice(c, jnp.swapaxes(new, 1, 2).astype(c.dtype), (zero, zero, where[1], zero))
+                   for c, new in zip(kv, (k_BTKE, v_BTKE)))
+        keys_BKSE, values_BKSE = (c.astype(cfg.compute_dtype) for c in kv)
+        out_BTHE = _cached_attention(q_BTHE, keys_BKSE, values_BKSE, allowed_BTS, scale)
     else:
         layer, slot, n = where
         kv = tuple(_write_slots(c, new, layer, slot) for c, new in zip(kv, (k_BTKE, v_BTKE)))
@@ -202,7 +216,16 @@ def _layers(cfg: ModelConfig, layers: Params, x_BTD, rope, allowed_BTS, kv=None,
     ``kv`` is None or the stacked cache ``(keys_LBKSE, values_LBKSE)``; returns (x, updated kv). The
     cache is carried through the layer loop whole and each layer writes only its new slots (see
     ``_write_slots``); attention reads the first ``attend_slots`` slots (all when None).
+
+    ``layers`` may also be a tuple of per-layer parameter dicts (``unstack_layers``): the blocks are
+    then unrolled, and ``kv`` (if any) is a list of per-layer ``(keys_BKSE, values_BKSE)``.
     """
+    if isinstance(layers, tuple):
+        new_kv = []
+        for i, p in enumerate(layers):
+            x_BTD, kv_i = _block(cfg, p, x_BTD, rope, allowed_BTS, None if kv is None else kv[i], (None, slot, None))
+            new_kv.append(kv_i)
+        return x_BTD, (None if kv is None else new_kv)
     if kv is None:
         def block(x, p):
             return _block(cfg, p, x, rope, allowed_BTS, None, None)[0], None
@@ -339,8 +362,14 @@ def _extend(cfg: ModelConfig, params: Params, input_ids_BT, attention_mask_BT, c
     mask_BS = lax.dynamic_update_slice_in_dim(cache.mask_BS, mask_BT, cache.index, axis=1)
     allowed_BTS = _allowed(cache.index + jnp.arange(T), mask_BS)
     x_BTD = _embed(cfg, params, input_ids_BT, positions_BT)
-    x_BTD, (keys, values) = _layers(cfg, params["layers"], x_BTD, _rope_tables(cfg, positions_BT), allowed_BTS,
-                                    kv=(cache.keys, cache.values), slot=cache.index, attend_slots=attend_slots)
+    per_layer = isinstance(cache.keys, tuple)
+    if per_layer != isinstance(params["layers"], tuple):
+        raise ValueError("a per-layer cache (unstack_cache) needs per-layer parameters (unstack_layers), and a "
+                         "stacked cache stacked parameters")
+    kv = list(zip(cache.keys, cache.values)) if per_layer else (cache.keys, cache.values)
+    x_BTD, kv = _layers(cfg, params["layers"], x_BTD, _rope_tables(cfg, positions_BT), allowed_BTS,
+                        kv=kv, slot=cache.index, attend_slots=attend_slots)
+    keys, values = (tuple(c) for c in zip(*kv)) if per_layer else kv
     if last_only:
         x_BTD = x_BTD[:, -1:]
     logits_BTV = unembed(cfg, params, _norm(cfg, params["final_norm"], x_BTD))
@@ -369,6 +398,9 @@ def decode_step(cfg: ModelConfig, params: Params, cache: KVCache, token_ids_B: j
     if token_ids_B.shape != cache.next_pos_B.shape:
         raise ValueError(f"decode_step: token_ids_B {token_ids_B.shape} must be (batch,) = {cache.next_pos_B.shape}")
     if attend_slots is not None:
+        if isinstance(cache.keys, tuple):
+            raise ValueError("decode_step: attend_slots is for a stacked cache; size a per-layer cache instead "
+                             "(unstack_cache / grow_cache)")
         S = cache.mask_BS.shape[1]
         if not 1 <= attend_slots <= S:
             raise ValueError(f"decode_step: attend_slots {attend_slots} must be in [1, {S}]")
@@ -377,3 +409,46 @@ def decode_step(cfg: ModelConfig, params: Params, cache: KVCache, token_ids_B: j
     ids_B1 = token_ids_B[:, None]
     logits_B1V, cache = _extend(cfg, params, ids_B1, jnp.ones(ids_B1.shape, bool), cache, attend_slots=attend_slots)
     return logits_B1V[:, 0], cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-layer layout for decode loops
+
+
+def unstack_layers(params: Params) -> Params:
+    """``params`` with ``params["layers"]`` split into a tuple of per-layer dicts (a copy of the
+    layer weights).
+
+    A decode loop over these unrolls the layers and reads every weight matrix in place, where the
+    scan over stacked weights makes XLA:CPU copy each layer's slice out of the stack on every
+    step (about a third of a small model's decode step). The price is a second copy of the layer
+    weights while the loop runs, so ``rollout.generate`` uses it on CPU only.
+    """
+    stacked = params["layers"]
+    n_layers = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n_layers))}
+
+
+def unstack_cache(cache: KVCache, slots: int | None = None) -> KVCache:
+    """The stacked cache as per-layer (B, K, S', E) buffers holding its first ``slots`` slots (all
+    when None): a decode step then writes and reads each layer's buffer in place, with no slicing."""
+    S = cache.mask_BS.shape[1]
+    slots = S if slots is None else slots
+    if not isinstance(cache.index, jax.core.Tracer) and not int(cache.index) <= slots <= S:
+        raise ValueError(f"unstack_cache: {slots} slots must hold the {int(cache.index)} written ones and "
+                         f"be <= {S}")
+    layer = lambda c, i: c[i, :, :, :slots]
+    return cache.replace(keys=tuple(layer(cache.keys, i) for i in range(cache.keys.shape[0])),
+                         values=tuple(layer(cache.values, i) for i in range(cache.values.shape[0])),
+                         mask_BS=cache.mask_BS[:, :slots])
+
+
+def grow_cache(cache: KVCache, slots: int) -> KVCache:
+    """A per-layer cache padded with empty slots to ``slots`` (one copy; a decode loop that grows
+    its cache in a few phases reads only the slots its steps can attend to)."""
+    pad = slots - cache.mask_BS.shape[1]
+    if pad < 0:
+        raise ValueError(f"grow_cache: cannot shrink {cache.mask_BS.shape[1]} slots to {slots}")
+    widen = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    return cache.replace(keys=tuple(map(widen, cache.keys)), values=tuple(map(widen, cache.values)),
+                         mask_BS=jnp.pad(cache.mask_BS, ((0, 0), (0, pad))))
