@@ -106,6 +106,17 @@ def test_temperature_then_top_k_then_top_p_matches_reference():
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_k_then_top_p_in_one_pass_matches_reference(ties):
+    """The fused top-k + top-p filter (nucleus searched among the k kept values) equals the numpy
+    reference of top-k followed by top-p, ties at the k-th value beyond k included."""
+    rng = np.random.default_rng(11)
+    logits = _random_logits(rng, (64, 96), ties=ties)
+    for k, p in [(1, 0.5), (5, 0.01), (10, 0.8), (20, 0.95), (40, 0.999), (95, 0.6)]:
+        got = np.asarray(rollout.top_k_top_p_filter(jnp.asarray(logits), k, p))
+        np.testing.assert_array_equal(got, ref_top_p(ref_top_k(logits, k), p), err_msg=f"k={k} p={p}")
+
+
 def test_sampler_frequencies_match_reported_logps():
     """The token frequencies of the sampler equal exp(the log-probs it reports)."""
     logits_V = jnp.asarray([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, 0.2])
