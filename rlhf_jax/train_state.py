@@ -148,9 +148,12 @@ def _fresh_copy(tree: Any, shardings: Any) -> Any:
     ("donate the same buffer twice") or writes into the caller's arrays. So the placed arrays go
     through a jitted copy, which cannot return its (non-donated) input buffers; each device copies
     only its own shards. (Placing first also keeps multi-process runs working: jit does not take
-    numpy inputs with non-replicated shardings there.)
+    numpy inputs with non-replicated shardings there.) Accelerators skip that copy, which would
+    double the parameters' memory for a moment: their device_put always writes new device memory.
     """
     placed = jax.device_put(tree, shardings, may_alias=False)
+    if not any(d.platform == "cpu" for x in jax.tree.leaves(placed) for d in x.devices()):
+        return placed
     return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(placed)
 
 
