@@ -154,9 +154,7 @@ def _attention(cfg: ModelConfig, p: Params, x_BTD, rope, allowed_BTS, kv, where)
     if kv is None:
         out_BTHE = jax.nn.dot_product_attention(q_BTHE, k_BTKE, v_BTKE, mask=allowed_BTS[:, None], scale=scale)
     elif where[0] is None:
-        zero = jnp.zeros((), jnp.int32)
-        kv = tuple(lax.dynamic_update_slice(c, jnp.swapaxes(new, 1, 2).astype(c.dtype), (zero, zero, where[1], zero))
-                   for c, new in zip(kv, (k_BTKE, v_BTKE)))
+        kv = tuple(_write_slots(c, new, None, where[1]) for c, new in zip(kv, (k_BTKE, v_BTKE)))
         keys_BKSE, values_BKSE = (c.astype(cfg.compute_dtype) for c in kv)
         out_BTHE = _cached_attention(q_BTHE, keys_BKSE, values_BKSE, allowed_BTS, scale)
     else:
@@ -167,15 +165,18 @@ def _attention(cfg: ModelConfig, p: Params, x_BTD, rope, allowed_BTS, kv, where)
     return _dense(cfg, p["o"], out_BTHE, n_in=2), kv
 
 
-def _write_slots(cache_LBKSE: jax.Array, new_BTKE: jax.Array, layer, slot) -> jax.Array:
-    """Write T new keys (or values) into slots ``[slot, slot + T)`` of one layer of the stacked cache.
+def _write_slots(cache: jax.Array, new_BTKE: jax.Array, layer, slot) -> jax.Array:
+    """Write T new keys (or values) into slots ``[slot, slot + T)`` of one layer: of the stacked
+    (L, B, K, S, E) cache, or of a per-layer (B, K, S, E) buffer when ``layer`` is None.
 
     Only the new slots are written: ``dynamic_update_slice`` on the loop-carried buffer, which XLA
     updates in place, so a decode step writes T slots of memory, not the whole cache.
     """
-    new_1BKTE = jnp.swapaxes(new_BTKE, 1, 2)[None].astype(cache_LBKSE.dtype)
+    new_BKTE = jnp.swapaxes(new_BTKE, 1, 2).astype(cache.dtype)
     zero = jnp.zeros((), jnp.int32)
-    return lax.dynamic_update_slice(cache_LBKSE, new_1BKTE, (jnp.asarray(layer, jnp.int32), zero, zero, slot, zero))
+    if layer is None:
+        return lax.dynamic_update_slice(cache, new_BKTE, (zero, zero, slot, zero))
+    return lax.dynamic_update_slice(cache, new_BKTE[None], (jnp.asarray(layer, jnp.int32), zero, zero, slot, zero))
 
 
 def _cached_attention(q_BTHE, keys_BKSE, values_BKSE, allowed_BTS, scale):
