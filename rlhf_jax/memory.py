@@ -1,0 +1,78 @@
+"""Peak memory of a stage: the process's resident-set high-water mark, reset at the stage's start.
+
+Linux keeps the peak RSS of a process (``VmHWM`` in ``/proc/self/status``); writing ``5`` to
+``/proc/self/clear_refs`` resets it to the current RSS, so stages run one after another in one
+process (the pipeline) each get their own peak. Elsewhere (macOS, no procfs) the peak falls back to
+``resource.getrusage``'s ``ru_maxrss``, the peak since the process started, and says so.
+
+    with memory.PeakRSS() as peak:
+        run_stage()
+    print(peak.gib, peak.exact)
+"""
+from __future__ import annotations
+
+import pathlib
+import resource
+import sys
+
+_STATUS = pathlib.Path("/proc/self/status")
+_CLEAR_REFS = pathlib.Path("/proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int | None:
+    """Current resident set size in bytes (None where procfs is absent)."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def reset_peak() -> bool:
+    """Reset the peak RSS to the current RSS. False where the OS does not allow it."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_bytes() -> int:
+    """Peak RSS in bytes since the last :func:`reset_peak` (or since the process started)."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss if sys.platform == "darwin" else maxrss * 1024)  # bytes on macOS, KiB on Linux
+
+
+class PeakRSS:
+    """Context manager measuring the peak RSS of its block (``bytes``, ``gib``).
+
+    ``exact`` is False when the peak could not be reset at the start, so the figure is the
+    process's peak so far, which may belong to an earlier stage."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.exact = False
+
+    def __enter__(self) -> "PeakRSS":
+        self.exact = reset_peak()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bytes = peak_bytes()
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / 2**30
+
+    def as_dict(self) -> dict[str, float | bool]:
+        return {"peak_rss_gib": round(self.gib, 3), "peak_rss_exact": self.exact}

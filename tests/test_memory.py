@@ -1,0 +1,31 @@
+"""Per-stage peak memory: the high-water mark is reset at the start of each block."""
+import numpy as np
+
+from rlhf_jax import memory
+
+
+def _touch(nbytes: int) -> np.ndarray:
+    a = np.ones(nbytes // 8, np.float64)  # np.ones writes every page, so they are resident
+    return a
+
+
+def test_peak_sees_a_large_allocation():
+    with memory.PeakRSS() as peak:
+        a = _touch(300 * 2**20)
+        del a
+    assert peak.exact
+    before = memory.rss_bytes()
+    assert peak.bytes >= 300 * 2**20, (peak.bytes, before)
+
+
+def test_reset_forgets_an_earlier_peak():
+    # a first block peaks high; a second, small block must not report the first block's peak
+    with memory.PeakRSS() as big:
+        a = _touch(400 * 2**20)
+        del a
+    with memory.PeakRSS() as small:
+        b = _touch(8 * 2**20)
+        del b
+    assert small.exact
+    assert small.bytes < big.bytes - 300 * 2**20, (small.bytes, big.bytes)
+    assert memory.peak_bytes() >= memory.rss_bytes() - 2**20
