@@ -57,6 +57,7 @@ def smollm2_hf_dir() -> pathlib.Path:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         convert_gguf(gguf_path, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
         try:
             os.rename(tmp, final)  # atomic; fails if another worker's copy is already in place
         except OSError:
