@@ -140,7 +140,7 @@ def load_lm(args: ModelArgs, key: jax.Array | None = None) -> tuple[models.Model
         path = pathlib.Path(args.path)
         cfg, params = models.load_pretrained(path, dtype=DTYPES[args.dtype])
         cfg = dataclasses.replace(cfg, **overrides)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    tokenizer = models.load_tokenizer(path)  # an HF directory, a .gguf file or a directory holding one
     models.check_tokenizer(cfg, tokenizer, source=str(path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

