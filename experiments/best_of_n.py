@@ -4,6 +4,10 @@ No training; its KL to the SFT policy is known in closed form, KL = log n − (n
 it the reference point for how much reward each nat of KL buys.
 
     python experiments/best_of_n.py --n 4 8 16                # after sft.py and reward_model.py
+
+Writes <run.out>/best_of_n/: eval.json (per n: the figures of rlhf_jax.evaluation against the SFT
+policy's own samples, the same reference samples PPO and DPO are compared with), metrics (step = n)
+and samples.md.
 """
 # %%
 from __future__ import annotations
@@ -15,8 +19,9 @@ import jax
 import numpy as np
 import tyro
 
-from rlhf_jax import best_of_n, workflow
+from rlhf_jax import best_of_n, evaluation, workflow
 from rlhf_jax.data import simulated
+from rlhf_jax.logging import MetricsLogger
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +31,8 @@ class BestOfNConfig:
     reward_model: str | None = None
     """Reward model folder (default: <run.out>/rm/hf)."""
     data: workflow.DataArgs = workflow.DataArgs(num_eval=256, seed=2)
-    """Evaluation prompts (simulated held-out prompts by default; --data.eval-path for a file)."""
+    """Evaluation prompts: simulated held-out prompts by default; --data.eval-path, or the held-out split
+    of --data.path (--data.eval-fraction: the same prompts ppo.py evaluates on)."""
     run: workflow.RunArgs = workflow.RunArgs()
     sample: workflow.SampleArgs = workflow.SampleArgs()
     n: tuple[int, ...] = (4, 16)
@@ -39,30 +45,39 @@ def main(cfg: BestOfNConfig) -> dict:
     run_dir = pathlib.Path(cfg.run.out)
     model_cfg, params, tokenizer = workflow.load_lm(
         dataclasses.replace(cfg.model, path=cfg.model.path or str(run_dir / "sft" / "hf")))
-    reward_cfg, rm_params, _ = workflow.load_reward_model(cfg.reward_model or run_dir / "rm" / "hf", cfg.model)
+    reward = evaluation.load_reward_model(cfg.reward_model or run_dir / "rm" / "hf", cfg.model, tokenizer)
     prompts = workflow.prompt_texts(workflow.rows_from(cfg.data, "prompt", "eval", simulated.prompt_rows))
     prompts = prompts[:cfg.num_eval_prompts]
+    if not prompts:
+        raise ValueError("best_of_n: no evaluation prompts: pass --data.eval-path, or --data.path with "
+                         "--data.eval-fraction > 0 (its held-out split, the prompts PPO is evaluated on)")
     simulated_gold = cfg.data.path is None
-    ref_texts, _ = workflow.sample(model_cfg, params, tokenizer, prompts, key=jax.random.key(cfg.run.seed + 1001),
-                                   sample_args=cfg.sample, mesh=mesh, rules=rules)
-    ref_gold = workflow.gold_eval(prompts, [t[0] for t in ref_texts]) if simulated_gold else None
-    results = {}
-    for n in cfg.n:
-        texts, rollouts = workflow.sample(model_cfg, params, tokenizer, prompts, key=jax.random.key(cfg.run.seed + n),
-                                          sample_args=cfg.sample, num_samples=n, mesh=mesh, rules=rules)
-        scores_BN = workflow.rm_scores(reward_cfg, rm_params, rollouts)[:len(prompts) * n].reshape(len(prompts), n)
-        best_B = np.asarray(best_of_n.best_of_n(scores_BN))
-        chosen = [t[i] for t, i in zip(texts, best_B)]
-        res = {"n": n, "kl": float(best_of_n.best_of_n_kl(n)), "rm_score": float(scores_BN.max(-1).mean())}
-        if simulated_gold:
-            gold = workflow.gold_eval(prompts, chosen)
-            res.update(gold=float(gold.mean()), ref_gold=float(ref_gold.mean()),
-                       win_rate=workflow.win_rate(gold, ref_gold),
-                       oracle_gold=float(workflow.gold_eval([p for p in prompts for _ in range(n)],
-                                                            [s for t in texts for s in t]).reshape(-1, n).max(-1).mean()))
-        results[f"bon_{n}"] = res
-        print(f"[best_of_n] n={n}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items() if k != "n"), flush=True)
+    # the reference samples of every method's evaluation (ppo.py / dpo.py: key run.seed + 1000 + 1)
+    reference, _ = evaluation.sample_model(model_cfg, params, tokenizer, prompts, key=jax.random.key(cfg.run.seed + 1001),
+                                           sample_args=cfg.sample, reward=reward, mesh=mesh, rules=rules)
     out = workflow.stage_dir(cfg.run, "best_of_n")
+    results = {}
+    with MetricsLogger(out, stage="best_of_n", resume_from=0) as logger, \
+            evaluation.open_samples_file(out / "samples.md", resume_from=0) as samples_md:
+        for n in cfg.n:
+            samples, _ = evaluation.sample_model(model_cfg, params, tokenizer, prompts,
+                                                 key=jax.random.key(cfg.run.seed + n), sample_args=cfg.sample,
+                                                 reward=reward, num_samples=n, mesh=mesh, rules=rules)
+            scores_BN = samples.rm_scores.reshape(len(prompts), n)
+            best_B = np.asarray(best_of_n.best_of_n(scores_BN))
+            chosen = samples.take(np.arange(len(prompts)) * n + best_B)
+            res = {"n": n, **evaluation.compare(prompts, chosen, reference, kl=float(best_of_n.best_of_n_kl(n)),
+                                                gold=simulated_gold)}
+            if simulated_gold:
+                res["oracle_gold"] = float(workflow.gold_eval([p for p in prompts for _ in range(n)],
+                                                              samples.texts).reshape(-1, n).max(-1).mean())
+            results[f"bon_{n}"] = res
+            logger.log(n, evaluation.scalars({k: v for k, v in res.items() if k != "n"}),
+                       print_keys=evaluation.PRINT_KEYS)
+            table = evaluation.comparison_table(res, policy=f"best-of-{n}", reference="SFT")
+            samples_md.write(f"## step {n} (best-of-{n}, held-out prompts)\n\n{table}\n\n")
+            logger.text(n, "eval_samples", table)
+            print(f"[best_of_n] n={n}: {evaluation.summary(res)}", flush=True)
     workflow.write_json(out / "eval.json", results)
     return results
 

@@ -4,7 +4,9 @@
     python experiments/dpo.py --variant ipo --beta 0.5
     python experiments/dpo.py --model.path runs/qwen/sft/hf --data.path ultrafeedback.parquet --data.layout trl
 
-Writes <run.out>/dpo/ (or dpo_<variant>/): metrics, checkpoints, hf/, eval.json.
+Writes <run.out>/dpo/ (or dpo_<variant>/): metrics, checkpoints, hf/, eval.json and samples.md (the
+held-out evaluation of rlhf_jax.evaluation: KL to the SFT reference, length, EOS rate, reward-model
+score and win rate with --reward-model, gold score with the simulated annotator).
 """
 # %%
 from __future__ import annotations
@@ -15,9 +17,10 @@ import pathlib
 
 import tyro
 
-from rlhf_jax import losses, models, steps, workflow
+from rlhf_jax import evaluation, losses, models, steps, workflow
 from rlhf_jax.configs import OptimizerConfig
 from rlhf_jax.data import BatchIterator, collate_pairs, encode, simulated
+from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.train_state import make_optimizer, place_train_state, shardings_of
 
 
@@ -42,7 +45,12 @@ class DPOConfig:
     batch_size: int = 32
     max_len: int = 80
     eval_every: int = 150
+    """Steps between held-out DPO losses (eval/dpo/*) on the held-out comparisons."""
     num_eval_prompts: int = 256
+    """Held-out prompts the trained policy and the reference are sampled on at the end (0 = none)."""
+    reward_model: str | None = None
+    """Reward model (from reward_model.py) that judges the held-out samples (default: <run.out>/rm/hf when it
+    exists; without one the evaluation reports KL, length, EOS rate and samples)."""
 
 
 def main(cfg: DPOConfig) -> dict:
@@ -51,7 +59,8 @@ def main(cfg: DPOConfig) -> dict:
     model_cfg, params, tokenizer = workflow.load_lm(dataclasses.replace(cfg.model, path=sft_path))
     axes = models.param_logical_axes(model_cfg)
     reference_free = cfg.variant == "simpo"
-    optimizer = make_optimizer(workflow.optimizer_for(cfg.optim, cfg.steps))
+    optim_cfg = workflow.optimizer_for(cfg.optim, cfg.steps)
+    optimizer = make_optimizer(optim_cfg)
     state = place_train_state(params, optimizer, mesh, rules, axes, frozen=None if reference_free else params,
                               frozen_axes=None if reference_free else axes)
     del params
@@ -76,19 +85,37 @@ def main(cfg: DPOConfig) -> dict:
     stage = "dpo" if cfg.variant == "dpo" else f"dpo_{cfg.variant}"
     state, last_eval = workflow.train_loop(stage=stage, run=cfg.run, state=state, step_fn=train_step, batches=batches,
                                            num_steps=cfg.steps, mesh=mesh, rules=rules, config=cfg, eval_fn=evaluate,
-                                           eval_every=cfg.eval_every, print_keys=("optim/loss", "dpo/accuracy", "dpo/margin"))
+                                           eval_every=cfg.eval_every, print_keys=("optim/loss", "dpo/accuracy", "dpo/margin"),
+                                           optim=optim_cfg)
     out = workflow.stage_dir(cfg.run, stage)
     workflow.export_lm(out / "hf", model_cfg, state.params, tokenizer)
     result = {"hf": str(out / "hf"), **last_eval}
-    if cfg.data.path is None and cfg.num_eval_prompts:
-        _, reference, _ = workflow.load_lm(dataclasses.replace(cfg.model, path=sft_path))
+    if cfg.data.path is None:  # the simulated held-out prompts PPO and best-of-n are evaluated on
         prompts = workflow.prompt_texts(workflow.rows_from(
             dataclasses.replace(cfg.data, seed=2, num_eval=cfg.num_eval_prompts), "prompt", "eval", simulated.prompt_rows))
-        ev = workflow.evaluate_policy(model_cfg, state.params, reference, tokenizer, prompts, seed=cfg.run.seed + 1000,
-                                      sample_args=cfg.sample, mesh=mesh, rules=rules)
+    else:  # the prompts of the held-out comparisons (--data.eval-path or the held-out split of --data.path)
+        prompts = workflow.eval_prompts(eval_rows, cfg.num_eval_prompts)
+    if cfg.num_eval_prompts and prompts:
+        _, reference, _ = workflow.load_lm(dataclasses.replace(cfg.model, path=sft_path))
+        rm_path = cfg.reward_model or pathlib.Path(cfg.run.out) / "rm" / "hf"
+        reward = None
+        if cfg.reward_model is not None or (rm_path / workflow.REWARD_HEAD_FILE).exists():
+            reward = evaluation.load_reward_model(rm_path, cfg.model, tokenizer)
+            print(f"[{stage}] held-out samples judged by the reward model {rm_path}", flush=True)
+        ev = evaluation.evaluate_policy(model_cfg, state.params, reference, tokenizer, prompts,
+                                        seed=cfg.run.seed + 1000, sample_args=cfg.sample, reward=reward,
+                                        gold=cfg.data.path is None, mesh=mesh, rules=rules)
         result.update(ev)
-        print(f"[{stage}] gold {ev['gold']:.3f} (SFT {ev['ref_gold']:.3f}), win rate {ev['win_rate']:.3f}, "
-              f"KL {ev['kl']:.2f}", flush=True)
+        with MetricsLogger(out, stage=stage) as logger:  # appended after the training loop's entries
+            logger.log(cfg.steps, evaluation.scalars(ev), print_keys=evaluation.PRINT_KEYS)
+            logger.text(cfg.steps, "eval_samples", evaluation.comparison_table(ev, policy=stage.upper(), reference="SFT"))
+        with evaluation.open_samples_file(out / "samples.md", resume_from=0) as samples_md:
+            samples_md.write(f"## step {cfg.steps} (held-out evaluation)\n\n"
+                             f"{evaluation.comparison_table(ev, policy=stage.upper(), reference='SFT')}\n")
+        print(f"[{stage}] {evaluation.summary(ev)}", flush=True)
+    elif cfg.num_eval_prompts:
+        print(f"[{stage}] no held-out prompts (pass --data.eval-path or a --data.eval-fraction > 0): no evaluation",
+              flush=True)
     workflow.write_json(out / "eval.json", result)
     return result
 

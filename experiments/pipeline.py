@@ -25,7 +25,7 @@ import dpo
 import ppo
 import reward_model
 import sft
-from rlhf_jax import workflow
+from rlhf_jax import evaluation, workflow
 from rlhf_jax.data import load_source, simulated
 from rlhf_jax.logging import read_metrics
 
@@ -260,10 +260,9 @@ def write_report(out: pathlib.Path, results: dict, timings: dict) -> pathlib.Pat
         plt.close(fig)
         lines += ["", "![training curves](training_curves.png)"]
     ev = results.get("ppo", {})
-    if "samples" in ev:
-        lines += ["", "## PPO samples (held-out prompts)", "", "| prompt | SFT | PPO |", "|---|---|---|"]
-        lines += [f"| {s['prompt'].splitlines()[0][10:]} | {s['reference']} ({s['ref_gold']:.2f}) | "
-                  f"{s['response']} ({s['gold']:.2f}) |" for s in ev["samples"][:5]]
+    if ev.get("samples"):
+        lines += ["", "## PPO samples (held-out prompts)", "",
+                  evaluation.comparison_table(ev, policy="PPO", reference="SFT", max_rows=5)]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     rm_rounds = {key: res["rm"] for key, res in results.items() if key.startswith("round") and "rm" in res}

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
-from rlhf_jax import checkpoint, kl, losses, models, rollout, sharding, steps, workflow
+from rlhf_jax import checkpoint, evaluation, kl, losses, models, rollout, sharding, steps, workflow
 from rlhf_jax.configs import OptimizerConfig
 from rlhf_jax.data import BatchIterator, collate_prompts, encode_prompts, simulated
 from rlhf_jax.logging import MetricsLogger
@@ -90,8 +90,11 @@ class PPOConfig:
     critic: Literal["value_head", "separate"] = "value_head"
     """Value head on the policy's backbone, or a separate critic initialised from the reward model."""
     eval_every: int = 20
-    """Iterations between held-out evaluations (gold score, win rate, KL)."""
+    """Iterations between held-out evaluations (rlhf_jax.evaluation: reward-model score, KL, length and
+    EOS rate of policy and reference samples, win rates; 0 = none). Prompts: --data.eval-path, the
+    held-out split of --data.path (--data.eval-fraction), or the simulated held-out prompts."""
     num_eval_prompts: int = 256
+    """Held-out prompts per evaluation (at most)."""
     samples_every: int = 10
     """Iterations between sample tables in samples.md / TensorBoard."""
 
@@ -119,7 +122,8 @@ def main(cfg: PPOConfig) -> dict:
         critic_cfg = reward_cfg
     frozen = {"reference": ref_params, "reward": rm_params}
     frozen_axes = {"reference": axes, "reward": {"backbone": models.param_logical_axes(reward_cfg), "head": head_axes}}
-    optimizer = make_optimizer(cfg.optim)
+    optim_cfg = cfg.optim
+    optimizer = make_optimizer(optim_cfg)
     state = place_train_state(params, optimizer, mesh, rules, param_axes, frozen=frozen, frozen_axes=frozen_axes)
     del params, frozen, sft_params, ref_params, rm_params
     state_sh = shardings_of(state)
@@ -144,6 +148,9 @@ def main(cfg: PPOConfig) -> dict:
     train_rows = workflow.rows_from(cfg.data, "prompt", "train", simulated.prompt_rows)
     eval_prompts = workflow.prompt_texts(workflow.rows_from(cfg.data, "prompt", "eval", simulated.prompt_rows))
     eval_prompts = eval_prompts[:cfg.num_eval_prompts]
+    if cfg.eval_every and not eval_prompts:
+        print("[ppo] no held-out prompts (pass --data.eval-path or a --data.eval-fraction > 0): no evaluation",
+              flush=True)
     encoded = encode_prompts(train_rows, tokenizer, max_len=cfg.sample.max_prompt_len)
 
     def collate(indices):  # a left-padded PromptBatch and the prompt texts (for the gold scorer and logs)
@@ -166,28 +173,32 @@ def main(cfg: PPOConfig) -> dict:
         print(f"[ppo] resumed from iteration {start}", flush=True)
 
     def evaluate(state) -> dict:
-        if cfg.data.path is not None or not eval_prompts:
+        if not eval_prompts:
             return {}
-        return workflow.evaluate_policy(model_cfg, state.params["policy"], state.frozen["reference"], tokenizer,
-                                        eval_prompts, seed=cfg.run.seed + 1000, sample_args=cfg.sample, mesh=mesh,
-                                        rules=rules)
+        return evaluation.evaluate_policy(
+            model_cfg, state.params["policy"], state.frozen["reference"], tokenizer, eval_prompts,
+            seed=cfg.run.seed + 1000, sample_args=cfg.sample, gold=cfg.data.path is None, mesh=mesh, rules=rules,
+            reward=evaluation.RewardModel(reward_cfg, state.frozen["reward"]))
 
     key = jax.random.key(cfg.run.seed)
     last_eval: dict = {}
-    with MetricsLogger(out, stage="ppo") as logger, open(out / "samples.md", "a") as samples_md:
+    updates_per_iteration = cfg.epochs * cfg.num_minibatches
+    with MetricsLogger(out, stage="ppo", resume_from=start) as logger, \
+            evaluation.open_samples_file(out / "samples.md", resume_from=start) as samples_md:
         for it in range(start + 1, cfg.iterations + 1):
             t0 = time.perf_counter()
             it_key = jax.random.fold_in(key, it)
             prompts, texts = next(prompts_it)
             ids, mask = sharding.shard_batch((prompts.prompt_ids_BP, prompts.prompt_mask_BP), mesh, rules)
-            r = generate(state.params["policy"], ids, mask, key=jax.random.fold_in(it_key, 0))
-            t_gen = time.perf_counter() - t0
+            r = jax.block_until_ready(generate(state.params["policy"], ids, mask, key=jax.random.fold_in(it_key, 0)))
+            t_gen = time.perf_counter() - t0  # after block_until_ready: generation done, not just dispatched
             batch, score_metrics = score_step(state, r, kl_ctl.value)
             state, train_metrics = ppo_step(state, batch, jax.random.fold_in(it_key, 1))
-            values = to_floats({**score_metrics, **train_metrics})
+            values = to_floats({**score_metrics, **train_metrics})  # waits for the step's results
             new_tokens = float(np.asarray(r.lengths_B).sum())
             kl_ctl = kl_ctl.update(values["rollout/kl"], cfg.rollout_prompts * num_samples)
             values.update({"kl/coef": float(kl_ctl.value), "perf/gen_tokens_per_s": new_tokens / t_gen,
+                           "optim/lr": workflow.learning_rate(optim_cfg, it * updates_per_iteration),
                            "perf/iteration_s": time.perf_counter() - t0})
             responses = workflow.decode_responses(tokenizer, r)
             texts = [t for t in texts for _ in range(num_samples)]  # rows are prompts x samples
@@ -196,14 +207,19 @@ def main(cfg: PPOConfig) -> dict:
             logger.log(it, values, print_keys=("rollout/score", "rollout/gold", "rollout/kl", "ppo/clipfrac",
                                                "vf/explained_variance", "rollout/response_length", "kl/coef"))
             if cfg.samples_every and (it % cfg.samples_every == 0 or it == 1):
-                table = "\n".join(f"| {p.splitlines()[0][10:]} | {s} |" for p, s in zip(texts[:4], responses[:4]))
-                samples_md.write(f"\n## iteration {it}\n\n| prompt | response |\n|---|---|\n{table}\n")
+                table = evaluation.samples_table([{"prompt": p, "response": s} for p, s in zip(texts[:4], responses[:4])],
+                                                 [("prompt", "prompt"), ("response", "response")])
+                samples_md.write(f"\n## iteration {it} (rollout)\n\n{table}\n")
                 samples_md.flush()
                 logger.text(it, "samples", table)
             if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iterations):
                 last_eval = evaluate(state)
                 if last_eval:
-                    logger.log(it, {f"eval/{k}": v for k, v in last_eval.items() if k != "samples"})
+                    logger.log(it, evaluation.scalars(last_eval), print_keys=evaluation.PRINT_KEYS)
+                    table = evaluation.comparison_table(last_eval, policy="PPO", reference="reference")
+                    samples_md.write(f"\n## iteration {it} (held-out evaluation)\n\n{table}\n")
+                    samples_md.flush()
+                    logger.text(it, "eval_samples", table)
             if it % cfg.run.save_every == 0 or it == cfg.iterations:
                 checkpoint.save(manager, it, state, rng=key, config=workflow._jsonable(cfg), force=True,
                                 data_state={"prompts": prompts_it.get_state(), "kl_coef": float(kl_ctl.value)})

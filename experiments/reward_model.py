@@ -63,7 +63,8 @@ def main(cfg: RewardConfig) -> dict:
     batches = BatchIterator(encode(train_rows, tokenizer, max_len=cfg.max_len), collate,
                             batch_size=cfg.batch_size, seed=cfg.run.seed)
 
-    optimizer = make_optimizer(workflow.optimizer_for(cfg.optim, cfg.steps))
+    optim_cfg = workflow.optimizer_for(cfg.optim, cfg.steps)
+    optimizer = make_optimizer(optim_cfg)
     state = place_train_state(params, optimizer, mesh, rules, axes)
     del params, backbone
     state_sh = shardings_of(state)
@@ -75,7 +76,8 @@ def main(cfg: RewardConfig) -> dict:
 
     state, last_eval = workflow.train_loop(stage="rm", run=cfg.run, state=state, step_fn=train_step, batches=batches,
                                            num_steps=cfg.steps, mesh=mesh, rules=rules, config=cfg, eval_fn=evaluate,
-                                           eval_every=cfg.eval_every, print_keys=("rm/loss", "rm/accuracy"))
+                                           eval_every=cfg.eval_every, print_keys=("rm/loss", "rm/accuracy"),
+                                           optim=optim_cfg)
     rm_params = state.params
     result = {"accuracy": last_eval.get("eval/rm/accuracy"), "eval": last_eval}
     if cfg.data.path is None and eval_rows:

@@ -56,7 +56,8 @@ def main(cfg: SFTConfig) -> dict:
     collate = functools.partial(collate_sft, pad_id=tokenizer.pad_token_id, length=cfg.max_len)
     batches = BatchIterator(examples, collate, batch_size=cfg.batch_size, seed=cfg.run.seed)
 
-    optimizer = make_optimizer(workflow.optimizer_for(cfg.optim, cfg.steps))
+    optim_cfg = workflow.optimizer_for(cfg.optim, cfg.steps)
+    optimizer = make_optimizer(optim_cfg)
     axes = models.param_logical_axes(model_cfg)
     if cfg.model.path is None:  # from scratch: initialise directly into the shards
         state = create_train_state(lambda: models.init_params(model_cfg, jax.random.key(cfg.run.seed)),
@@ -73,7 +74,8 @@ def main(cfg: SFTConfig) -> dict:
 
     state, last_eval = workflow.train_loop(stage="sft", run=cfg.run, state=state, step_fn=train_step, batches=batches,
                                            num_steps=cfg.steps, mesh=mesh, rules=rules, config=cfg, eval_fn=evaluate,
-                                           eval_every=cfg.eval_every, print_keys=("sft/loss", "sft/accuracy"))
+                                           eval_every=cfg.eval_every, print_keys=("sft/loss", "sft/accuracy"),
+                                           optim=optim_cfg)
     out = workflow.stage_dir(cfg.run, "sft")
     workflow.export_lm(out / "hf", model_cfg, state.params, tokenizer)
     result = {"hf": str(out / "hf"), **last_eval}

@@ -1,20 +1,27 @@
 """Checkpoints with orbax: the train state, the data position, the RNG key and the run's config.
 
-One checkpoint step holds four items (``ocp.args.Composite``):
+One checkpoint step holds three items (``ocp.args.Composite``):
 
 - ``state``  : the :class:`~rlhf_jax.train_state.TrainState` (sharded arrays, ``StandardSave``);
-- ``rng``    : the JAX PRNG key of the training loop (``JaxRandomKeySave``);
-- ``data``   : the data iterator's position, a JSON dict (``JsonSave``);
+- ``data``   : the data iterator's position, a JSON dict (``JsonSave``), and the JAX PRNG key of the
+  training loop (its implementation's name and key data, under ``"_rng"``);
 - ``config`` : the experiment config, a JSON dict (``JsonSave``).
 
 Restoring onto a different mesh only needs the target: pass the abstract state of the new mesh
 (:func:`rlhf_jax.train_state.abstract_train_state`) and every array is read straight into its
 new shards.
+
+Why not orbax's ``JaxRandomKeySave``: it writes through ``ArrayCheckpointHandler``, which saves
+without OCDBT (``_USE_OCDBT_FOR_SAVE = False``) yet runs the pytree handler's finalize, which tries
+to merge per-process OCDBT files, finds none and logs "Skipping merge of OCDBT checkpoints" at
+WARNING on every save (orbax-checkpoint 0.12). A key is a few integers: JSON holds them exactly.
+Checkpoints written with ``JaxRandomKeySave`` (an ``rng`` item) still restore.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 from typing import Any, Mapping
 
 import jax
@@ -43,9 +50,18 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, *, rng: j
     """
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), rng=ocp.args.JaxRandomKeySave(rng),
-                              data=ocp.args.JsonSave(dict(data_state)), config=ocp.args.JsonSave(dict(config)))
+    if RNG_KEY in data_state:
+        raise ValueError(f"data_state may not use the key {RNG_KEY!r} (the checkpoint stores the RNG key there)")
+    key_data = np.asarray(jax.device_get(jax.random.key_data(rng)))
+    data = {**data_state, RNG_KEY: {"impl": str(jax.random.key_impl(rng)), "dtype": str(key_data.dtype),
+                                    "shape": list(key_data.shape), "key_data": key_data.ravel().tolist()}}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+                              config=ocp.args.JsonSave(dict(config)))
     return manager.save(step, args=args, force=force)
+
+
+RNG_KEY = "_rng"
+"""Key of the ``data`` item under which :func:`save` stores the PRNG key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +86,21 @@ def restore(manager: ocp.CheckpointManager, abstract_state: TrainState, step: in
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    rng_args = ocp.ArrayRestoreArgs(sharding=abstract_state.step.sharding)  # replicated on the target mesh
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              rng=ocp.args.JaxRandomKeyRestore(restore_args=rng_args),
-                              data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
-    out = manager.restore(step, args=args)
-    return Restored(step=step, state=out.state, rng=out.rng, data_state=out.data, config=out.config)
+    items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                 config=ocp.args.JsonRestore())
+    legacy = (pathlib.Path(manager.directory) / str(step) / "rng").is_dir()  # written with JaxRandomKeySave
+    if legacy:
+        replicated = abstract_state.step.sharding  # the key on the target mesh
+        items["rng"] = ocp.args.JaxRandomKeyRestore(restore_args=ocp.ArrayRestoreArgs(sharding=replicated))
+    out = manager.restore(step, args=ocp.args.Composite(**items))
+    data = dict(out.data)
+    if legacy:
+        rng = out.rng
+    else:
+        saved = data.pop(RNG_KEY)
+        key_data = np.asarray(saved["key_data"], dtype=saved["dtype"]).reshape(saved["shape"])
+        rng = jax.device_put(jax.random.wrap_key_data(key_data, impl=saved["impl"]), abstract_state.step.sharding)
+    return Restored(step=step, state=out.state, rng=rng, data_state=data, config=out.config)
 
 
 def export_hf(path: str | os.PathLike, model_cfg: models.ModelConfig, params: Any) -> None:

@@ -23,16 +23,27 @@ class MetricsLogger:
 
     ``check_finite`` raises :class:`NonFiniteMetricError` at the first NaN/inf so a run never ends
     in NaN without saying where it began.
+
+    ``resume_from``: the step a training loop starts after (0 for a fresh run, the restored
+    checkpoint's step on resume). Entries of an earlier run past that step are dropped from
+    ``metrics.jsonl`` and purged from TensorBoard (``purge_step``), so a resumed run continues the
+    file without a second copy of any step and a fresh run over the same folder starts it anew.
+    ``None`` (default) only appends, e.g. a final evaluation logged after the loop has closed.
     """
 
-    def __init__(self, logdir: str | os.PathLike, *, stage: str, check_finite: bool = True, console: bool = True):
+    def __init__(self, logdir: str | os.PathLike, *, stage: str, check_finite: bool = True, console: bool = True,
+                 resume_from: int | None = None):
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.stage = stage
         self.check_finite = check_finite
         self.console = console
-        self._writer = SummaryWriter(str(self.logdir))
-        self._jsonl = open(self.logdir / "metrics.jsonl", "a", encoding="utf-8")
+        path = self.logdir / "metrics.jsonl"
+        if resume_from is not None and path.exists():
+            path.write_text("".join(_entries_up_to(path, resume_from)), encoding="utf-8")
+        purge = None if resume_from is None else resume_from + 1
+        self._writer = SummaryWriter(str(self.logdir), purge_step=purge)
+        self._jsonl = open(path, "a", encoding="utf-8")
 
     def log(self, step: int, values: Mapping[str, float], *, print_keys: tuple[str, ...] | None = None) -> None:
         if self.check_finite:
@@ -61,6 +72,23 @@ class MetricsLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _entries_up_to(path: Path, step: int) -> list[str]:
+    """The lines of ``path`` logged at steps <= ``step``. A last line cut short (the run was killed
+    while writing it) is dropped; a broken line elsewhere is an error naming it."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            entry_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError) as error:
+            if i == len(lines) - 1:
+                continue
+            raise ValueError(f"{path}:{i + 1}: not a metrics entry ({error}): {line[:80]!r}") from error
+        if entry_step <= step:
+            kept.append(line + "\n")
+    return kept
 
 
 def read_metrics(logdir: str | os.PathLike) -> list[dict]:

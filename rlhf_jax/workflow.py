@@ -1,5 +1,5 @@
 """Plumbing the experiment scripts share: where models and data come from, the train loop with
-checkpoint/resume, sampling, and gold-score evaluation.
+checkpoint/resume, sampling. Policy evaluation lives in :mod:`rlhf_jax.evaluation`.
 
 Scripts stay short by composing these; everything here is also usable from a notebook.
 """
@@ -61,12 +61,20 @@ class DataArgs:
     """File layout: ours ("canonical") or a public one (HH-RLHF, TL;DR comparisons, TRL/UltraFeedback)."""
     skip_invalid: bool = False
     """Skip malformed rows (counted and reported) instead of stopping at the first one."""
+    eval_fraction: float = 0.05
+    """Without --data.eval-path: share of the prompts of --data.path held out for evaluation (chosen by a
+    hash of the prompt, so a prompt is held out in every file and stage it appears in; all rows of a
+    held-out prompt leave training). 0: no held-out split."""
     num_train: int = 4096
     """Simulated rows to generate for training (embedded default only)."""
     num_eval: int = 512
     """Simulated held-out rows (embedded default only)."""
     seed: int = 0
     """Seed of the simulated data."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"--data.eval-fraction must be in [0, 1), got {self.eval_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +106,18 @@ RULE_TABLES = {"default": sharding.DEFAULT_RULES, "fsdp": sharding.FSDP_RULES,
 
 
 def optimizer_for(optim: OptimizerConfig, steps: int) -> OptimizerConfig:
-    """``optim`` with its schedule fitted to a run of ``steps`` updates (warmup capped below ``steps``)."""
-    return dataclasses.replace(optim, total_steps=steps, warmup_steps=min(optim.warmup_steps, steps - 1))
+    """``optim`` with its schedule fitted to a run of ``steps`` optimizer calls (micro-batches: with
+    ``grad_accum_steps`` k, that is ``steps // k`` updates), warmup capped below the update count."""
+    updates = max(1, steps // optim.grad_accum_steps)
+    return dataclasses.replace(optim, total_steps=updates, warmup_steps=min(optim.warmup_steps, updates - 1))
+
+
+def learning_rate(optim: OptimizerConfig, calls: int) -> float:
+    """The learning rate of the last update after ``calls`` optimizer calls (``optim/lr``): optax counts
+    updates from 0, and under gradient accumulation only every ``grad_accum_steps``-th call updates."""
+    from rlhf_jax.train_state import make_schedule
+
+    return float(make_schedule(optim)(max(calls // optim.grad_accum_steps - 1, 0)))
 
 
 def stage_dir(run: RunArgs, stage: str) -> pathlib.Path:
@@ -167,24 +185,90 @@ def export_lm(path: pathlib.Path, cfg: models.ModelConfig, params: Any, tokenize
 
 def rows_from(data: DataArgs, kind: str, split: Literal["train", "eval"], simulated: Callable[[int, int, str], list[dict]]
               ) -> list:
-    """Rows of ``kind``: from the user's file / TFDS name, or from the simulated annotator."""
+    """Rows of ``kind``: from the user's file / TFDS name, or from the simulated annotator.
+
+    With a user file and no ``data.eval_path``, ``data.eval_fraction`` of its prompts are held out
+    (:func:`split_held_out`): "train" gives the rest, "eval" the held-out rows.
+    """
     if data.path is None:
         n = data.num_train if split == "train" else data.num_eval
         records = simulated(n, data.seed, "train" if split == "train" else "eval")
         return [parse_row(r, kind, source=f"<simulated {split}>:{i + 1}") for i, r in enumerate(records)]
-    spec = data.path if split == "train" else data.eval_path
-    if spec is None:
-        return []
+    if data.eval_path is not None or not data.eval_fraction:
+        spec = data.path if split == "train" else data.eval_path
+        return [] if spec is None else _load(spec, kind, data)
+    train, held_out = split_held_out(_load(data.path, kind, data), data.eval_fraction)
+    _announce(f"[data] {data.path}: {len(held_out)} rows ({len({_prompt_key(r.prompt) for r in held_out})} prompts) "
+              f"held out for evaluation (--data.eval-fraction {data.eval_fraction}), {len(train)} rows for training; "
+              f"--data.eval-path sets a held-out file instead")
+    return train if split == "train" else held_out
+
+
+def _load(spec: str, kind: str, data: DataArgs) -> list:
     report = ValidationReport()
     rows = load_source(spec, kind, data_dir=data.data_dir, layout=data.layout, skip_invalid=data.skip_invalid,
                        report=report, split="train")
     if report.skipped:
-        print(report.summary(), flush=True)
+        _announce(report.summary())
     return rows
 
 
-def prompt_texts(rows: Sequence[Any]) -> list[str]:
+_ANNOUNCED: set[str] = set()
+
+
+def _announce(message: str) -> None:
+    """Print ``message`` once per process (the train and eval splits read the same file)."""
+    if message not in _ANNOUNCED:
+        _ANNOUNCED.add(message)
+        print(message, flush=True)
+
+
+def _prompt_key(prompt: Any) -> str:
+    from rlhf_jax.evaluation import jsonable_prompt
+
+    return json.dumps(jsonable_prompt(prompt), sort_keys=True, ensure_ascii=False)
+
+
+def _prompt_hash(prompt: Any) -> float:
+    """A uniform number in [0, 1) fixed by the prompt's content."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(_prompt_key(prompt).encode()).digest()[:8], "big") / 2.0 ** 64
+
+
+def split_held_out(rows: Sequence[Any], fraction: float) -> tuple[list, list]:
+    """``(train, held_out)``: every row whose prompt hashes below ``fraction`` is held out, so the
+    split depends on the prompt alone (not on the file, its order or a seed) and all rows of one
+    prompt fall on the same side. At least one prompt is held out and one kept when there are two
+    or more distinct prompts; with one, nothing is held out."""
+    hashes = {}
+    for r in rows:
+        hashes.setdefault(_prompt_key(r.prompt), _prompt_hash(r.prompt))
+    held = {k for k, h in hashes.items() if h < fraction}
+    if fraction > 0 and len(hashes) >= 2:
+        ordered = sorted(hashes, key=hashes.get)
+        if not held:
+            held = {ordered[0]}
+        if len(held) == len(hashes):
+            held.discard(ordered[-1])
+    train = [r for r in rows if _prompt_key(r.prompt) not in held]
+    held_out = [r for r in rows if _prompt_key(r.prompt) in held]
+    return train, held_out
+
+
+def prompt_texts(rows: Sequence[Any]) -> list:
+    """The prompts of ``rows`` (text or conversations)."""
     return [r.prompt for r in rows]
+
+
+def eval_prompts(rows: Sequence[Any], limit: int) -> list:
+    """The first ``limit`` distinct prompts of ``rows`` (pairs often share a prompt), in order."""
+    seen: dict[str, Any] = {}
+    for r in rows:
+        seen.setdefault(_prompt_key(r.prompt), r.prompt)
+        if len(seen) >= limit:
+            break
+    return list(seen.values())
 
 
 # --- The train loop -------------------------------------------------------------------------------
@@ -208,12 +292,16 @@ def abstract_of(state: TrainState) -> TrainState:
 
 def train_loop(*, stage: str, run: RunArgs, state: TrainState, step_fn: Callable, batches: BatchIterator,
                num_steps: int, mesh, rules, config: Any, eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
-               eval_every: int = 0, print_keys: tuple[str, ...] | None = None) -> tuple[TrainState, dict[str, float]]:
+               eval_every: int = 0, print_keys: tuple[str, ...] | None = None,
+               optim: OptimizerConfig | None = None) -> tuple[TrainState, dict[str, float]]:
     """Run ``step_fn(state, batch)`` for ``num_steps`` steps with logging, checkpoints and resume.
 
     Metrics are accumulated as (total, count) between log lines, so logged means are exact. The
     newest checkpoint holds the state, the iterator position and the config; with ``run.resume`` the
-    loop restarts from it and yields exactly the batches the uninterrupted run would have.
+    loop restarts from it and yields exactly the batches the uninterrupted run would have, and
+    ``metrics.jsonl`` continues from that step (entries logged after it by the interrupted run are
+    dropped). ``optim`` (the fitted optimizer config) adds ``optim/lr``, the schedule's value at the
+    last update. ``perf/tokens_per_s`` counts step time only (not evaluation or checkpointing).
     Returns the final state and the last evaluation.
     """
     out = stage_dir(run, stage)
@@ -228,7 +316,7 @@ def train_loop(*, stage: str, run: RunArgs, state: TrainState, step_fn: Callable
     last_eval: dict[str, float] = {}
     pending: Metrics = {}
     t0, tokens = time.perf_counter(), 0
-    with MetricsLogger(out, stage=stage) as logger:
+    with MetricsLogger(out, stage=stage, resume_from=start) as logger:
         for step in tqdm(range(start + 1, num_steps + 1), desc=stage, initial=start, total=num_steps,
                          disable=jax.process_index() != 0, leave=False):
             host_batch = next(batches)
@@ -236,16 +324,22 @@ def train_loop(*, stage: str, run: RunArgs, state: TrainState, step_fn: Callable
             state, metrics = step_fn(state, sharding.shard_batch(host_batch, mesh, rules))
             pending = merge(pending, metrics)
             if step % run.log_every == 0 or step == num_steps:
+                jax.block_until_ready(state)  # dispatch is asynchronous: time the work, not its launch
                 values = to_floats(pending)
                 values["perf/tokens_per_s"] = tokens / (time.perf_counter() - t0)
+                if optim is not None:
+                    values["optim/lr"] = learning_rate(optim, step)
                 logger.log(step, values, print_keys=print_keys)
-                pending, t0, tokens = {}, time.perf_counter(), 0
+                pending, tokens = {}, 0
+                t0 = time.perf_counter()
+            t_other = time.perf_counter()
             if eval_fn is not None and eval_every and (step % eval_every == 0 or step == num_steps):
                 last_eval = eval_fn(state)
                 logger.log(step, last_eval)
             if step % run.save_every == 0 or step == num_steps:
                 checkpoint.save(manager, step, state, rng=rng, data_state=batches.get_state(),
                                 config=_jsonable(config), force=True)
+            t0 += time.perf_counter() - t_other  # evaluation and checkpoints are not step time
     manager.wait_until_finished()
     manager.close()
     return state, last_eval
@@ -361,12 +455,6 @@ def decode_responses(tokenizer: Any, r: rollout.Rollout) -> list[str]:
     return out
 
 
-def win_rate(scores_a: np.ndarray, scores_b: np.ndarray) -> float:
-    """P(a > b) + ½ P(a = b) over paired samples (the gold judge's preference rate for a)."""
-    a, b = np.asarray(scores_a), np.asarray(scores_b)
-    return float(np.mean((a > b) + 0.5 * (a == b)))
-
-
 _token_logps = jax.jit(steps.token_logps, static_argnums=0)  # compiled once per (cfg, shapes), reused by every call
 _reward_scores = jax.jit(steps.reward_scores, static_argnums=0)
 
@@ -439,25 +527,3 @@ def fold_normalization(head: Any, gain: float, bias: float) -> Any:
 def rm_scores(cfg: models.ModelConfig, rm_params: Any, rollouts: Sequence[rollout.Rollout]) -> np.ndarray:
     """Reward-model score of every sampled sequence (last real token)."""
     return np.concatenate([np.asarray(_reward_scores(cfg, rm_params, r.sequences_BT, r.attention_mask_BT)) for r in rollouts])
-
-
-
-# --- Policy evaluation against the reference (embedded default: judged by the gold scorer) ---------
-
-
-def evaluate_policy(cfg: models.ModelConfig, params: Any, ref_params: Any, tokenizer: Any, prompts: Sequence[str], *,
-                    seed: int, sample_args: SampleArgs, mesh=None, rules=None) -> dict[str, Any]:
-    """Sample the policy and the reference on the same held-out prompts (fixed keys, so every method
-    is compared with the same reference samples); report gold score, gold win rate against the
-    reference, and the Monte-Carlo KL(π ‖ π_ref) per sequence."""
-    texts, rollouts = sample(cfg, params, tokenizer, prompts, key=jax.random.key(seed), sample_args=sample_args,
-                             mesh=mesh, rules=rules)
-    ref_texts, _ = sample(cfg, ref_params, tokenizer, prompts, key=jax.random.key(seed + 1), sample_args=sample_args,
-                          mesh=mesh, rules=rules)
-    responses, ref_responses = [t[0] for t in texts], [t[0] for t in ref_texts]
-    kl = kl_to_reference(cfg, params, ref_params, rollouts)[:len(prompts)]
-    gold, ref_gold = gold_eval(prompts, responses), gold_eval(prompts, ref_responses)
-    return {"gold": float(gold.mean()), "ref_gold": float(ref_gold.mean()), "win_rate": win_rate(gold, ref_gold),
-            "kl": float(kl.mean()), "response_words": float(np.mean([len(r.split()) for r in responses])),
-            "samples": [{"prompt": p, "response": r, "gold": float(g), "reference": rr, "ref_gold": float(rg)}
-                        for p, r, g, rr, rg in list(zip(prompts, responses, gold, ref_responses, ref_gold))[:8]]}

@@ -233,3 +233,133 @@ def test_pipeline_resumes_after_kill_during_ppo(pipeline_run, tmp_path):
     assert saved < 8, "killed too late to test resuming"
     assert logged[-(8 - saved):] == list(range(saved + 1, 9))  # the resumed run's iterations, once each
     assert (out / "ppo" / "eval.json").exists() and (out / "ppo" / "hf" / "model.safetensors").exists()
+
+
+# --- Evaluation on a user's own data (rlhf_jax.evaluation) -----------------------------------------
+
+EVAL_KEYS = {"num_prompts", "kl", "response_tokens", "ref_response_tokens", "eos_rate", "ref_eos_rate", "samples"}
+RM_KEYS = {"rm_score", "ref_rm_score", "rm_win_rate"}
+
+
+def _user_prompts(n: int) -> list[dict]:
+    """Text prompts and conversations, with the characters that used to break the samples table."""
+    rows = []
+    for i in range(n):
+        if i % 2:
+            rows.append({"prompt": f"Customer: Hi | team. Order {1000 + i} is late.\nIt was due Monday.\nAgent:"})
+        else:
+            rows.append({"prompt": [{"role": "user", "content": f"Where is my refund for order {2000 + i}?\nThanks | bye"},
+                                    {"role": "assistant", "content": "Let me check."},
+                                    {"role": "user", "content": "Please hurry."}]})
+    return rows
+
+
+def _write_jsonl_rows(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _check_tables(markdown: str) -> list[list[list[str]]]:
+    """Every table in ``markdown`` (rendered by markdown-it's GFM tables) has as many cells in each row
+    as in its header; returns the tables' rows."""
+    import markdown_it
+    from test_evaluation import _Cells
+
+    tables = []
+    for chunk in markdown.split("\n\n"):
+        if chunk.lstrip().startswith("|"):
+            parser = _Cells()
+            parser.feed(markdown_it.MarkdownIt("commonmark").enable("table").render(chunk))
+            assert parser.rows, f"not a table:\n{chunk}"
+            assert len(parser.rows) == len(chunk.strip().splitlines()) - 1, f"rows lost:\n{chunk}"
+            assert all(len(r) == len(parser.rows[0]) for r in parser.rows), f"ragged table:\n{chunk}"
+            tables.append(parser.rows)
+    assert tables, "no table"
+    return tables
+
+
+def _prompt_cell(prompt) -> str:
+    from rlhf_jax import evaluation
+
+    return evaluation.prompt_text(prompt).strip()
+
+
+def test_ppo_and_best_of_n_evaluate_a_user_prompt_file(pipeline_run, tmp_path):
+    """With only --data.path, PPO holds out a share of the prompts and evaluates on them (reward model,
+    KL, length, EOS rate, samples); best-of-n on the same file evaluates on the same held-out prompts
+    against the same reference samples."""
+    out = tmp_path / "run"
+    shutil.copytree(pipeline_run / "sft" / "hf", out / "sft" / "hf")
+    shutil.copytree(pipeline_run / "rm" / "hf", out / "rm" / "hf")
+    prompts = _write_jsonl_rows(tmp_path / "prompts.jsonl", _user_prompts(48))
+    data = ["--data.path", str(prompts), "--data.eval-fraction", "0.25", "--run.out", str(out)]
+    proc = _run("ppo.py", *data, "--iterations", "2", "--rollout-prompts", "8", "--num-minibatches", "2", "--epochs", "1",
+                "--eval-every", "2", "--num-eval-prompts", "8", "--samples-every", "1")
+    assert "held out for evaluation" in proc.stdout
+    ev = json.loads((out / "ppo" / "eval.json").read_text())
+    assert EVAL_KEYS | RM_KEYS <= set(ev) and not {"gold", "win_rate"} & set(ev), sorted(ev)
+    assert ev["num_prompts"] == len(ev["samples"]) == 8
+    assert 0.0 <= ev["rm_win_rate"] <= 1.0 and 0.0 <= ev["eos_rate"] <= 1.0 and ev["response_tokens"] >= 1
+    assert {type(s["prompt"]) for s in ev["samples"]} == {str, list}  # both kinds of prompt were held out
+    metrics = _jsonl(out / "ppo" / "metrics.jsonl")
+    assert any("eval/rm_score" in m and m["step"] == 2 for m in metrics)
+    tables = _check_tables((out / "ppo" / "samples.md").read_text())
+    assert len(tables) == 3  # rollouts of iterations 1 and 2, then the held-out evaluation
+    assert [row[0] for row in tables[-1][1:]] == [_prompt_cell(s["prompt"]) for s in ev["samples"]]
+
+    _run("best_of_n.py", *data, "--n", "2", "--num-eval-prompts", "8")
+    bon = json.loads((out / "best_of_n" / "eval.json").read_text())["bon_2"]
+    assert EVAL_KEYS | RM_KEYS <= set(bon)
+    assert [s["prompt"] for s in bon["samples"]] == [s["prompt"] for s in ev["samples"]]
+    assert [s["reference"] for s in bon["samples"]] == [s["reference"] for s in ev["samples"]]
+    assert bon["ref_rm_score"] == pytest.approx(ev["ref_rm_score"], rel=1e-5)
+    _check_tables((out / "best_of_n" / "samples.md").read_text())
+    assert _jsonl(out / "best_of_n" / "metrics.jsonl")[0]["step"] == 2
+
+
+def test_dpo_evaluates_a_user_pair_file_without_a_reward_model(pipeline_run, tmp_path):
+    rows = [{"prompt": r["prompt"], "chosen": " I'm sorry about this. We will fix it today.", "rejected": " Okay."}
+            for r in _user_prompts(40)]
+    pairs = _write_jsonl_rows(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "run"
+    _run("dpo.py", "--model.path", str(pipeline_run / "sft" / "hf"), "--run.out", str(out), "--data.path", str(pairs),
+         "--data.eval-fraction", "0.2", "--steps", "2", "--eval-every", "2", "--batch-size", "8", "--num-eval-prompts", "6")
+    ev = json.loads((out / "dpo" / "eval.json").read_text())
+    assert EVAL_KEYS <= set(ev) and not (RM_KEYS | {"gold"}) & set(ev), sorted(ev)
+    assert "eval/dpo/loss" in ev  # the held-out split also gives the held-out DPO loss
+    assert 1 <= ev["num_prompts"] <= 6 and len({json.dumps(s["prompt"]) for s in ev["samples"]}) == ev["num_prompts"]
+    assert any("eval/kl" in m for m in _jsonl(out / "dpo" / "metrics.jsonl"))
+    table = _check_tables((out / "dpo" / "samples.md").read_text())[0]
+    assert table[0][:3] == ["prompt", "SFT", "DPO"]
+
+
+def test_rerun_of_a_stage_continues_its_metrics_without_duplicate_steps(tmp_path):
+    """A resumed run drops what the interrupted run logged after its last checkpoint; a fresh run over
+    a folder without checkpoints starts metrics.jsonl anew. No figure of the disabled z-loss, and the
+    logged learning rate is the fitted schedule's."""
+    out = str(tmp_path / "run")
+    args = ["--run.out", out, "--steps", "4", "--run.save-every", "2", "--run.log-every", "1", "--eval-every", "2",
+            "--batch-size", "4", "--data.num-train", "32", "--data.num-eval", "8", "--num-eval-samples", "0",
+            "--optim.warmup-steps", "1"]
+    first = _run("sft.py", *args)
+    assert "Skipping merge of OCDBT" not in first.stderr
+    stage = tmp_path / "run" / "sft"
+
+    def train_steps():
+        return [m["step"] for m in _jsonl(stage / "metrics.jsonl") if "sft/loss" in m]
+
+    assert train_steps() == [1, 2, 3, 4]
+    shutil.rmtree(stage / "checkpoints" / "4")  # as if killed after logging step 4, before its checkpoint
+    resumed = _run("sft.py", *args, "--run.resume")
+    assert "resumed from step 2" in resumed.stdout
+    assert train_steps() == [1, 2, 3, 4]
+    metrics = _jsonl(stage / "metrics.jsonl")
+    assert [m["step"] for m in metrics if "eval/sft/loss" in m] == [2, 4]
+    assert not [k for m in metrics for k in m if "z_loss" in k]
+    lrs = [m["optim/lr"] for m in metrics if "optim/lr" in m]
+    peak = 2e-3  # sft.py's default
+    assert lrs[0] == pytest.approx(0.0) and lrs[1] == pytest.approx(peak)  # warmup 1, then the peak
+    assert lrs[3] < lrs[2] < peak  # cosine over the 4 steps of this run
+    shutil.rmtree(stage / "checkpoints")
+    _run("sft.py", *args)  # fresh run, no checkpoints left: the old entries go
+    assert train_steps() == [1, 2, 3, 4]

@@ -41,7 +41,7 @@ def ppo_policy_loss(
     bonus is to act. All maths in float32; an empty mask gives loss 0.
 
     Metrics (token means): ``ppo/policy_loss`` (with the chosen aggregation), ``ppo/clipfrac``
-    (tokens whose clipped term is the active one), ``ppo/dual_clipfrac``, ``ppo/ratio``,
+    (tokens whose clipped term is the active one), ``ppo/dual_clipfrac`` (with dual clip on), ``ppo/ratio``,
     ``ppo/approx_kl_k1`` = E[−log ρ] and ``ppo/approx_kl_k3`` = E[(ρ − 1) − log ρ], estimators
     of KL(π_old ‖ π) under samples from π_old (Schulman 2020, "Approximating KL divergence"),
     ``ppo/entropy`` when ``entropy_BT`` is given.
@@ -58,7 +58,6 @@ def ppo_policy_loss(
     clipped_BT = -adv_BT * jnp.clip(ratio_BT, 1.0 - clip_eps, 1.0 + eps_high)
     per_token_BT = jnp.maximum(unclipped_BT, clipped_BT)
     is_clipped_BT = clipped_BT > unclipped_BT
-    is_dual_clipped_BT = jnp.zeros_like(is_clipped_BT)
     if dual_clip is not None:
         bound_BT = -dual_clip * adv_BT
         is_dual_clipped_BT = (adv_BT < 0) & (per_token_BT > bound_BT)
@@ -70,11 +69,12 @@ def ppo_policy_loss(
     metrics = {
         "ppo/policy_loss": loss,
         "ppo/clipfrac": Metric.masked(is_clipped_BT.astype(jnp.float32), mask_BT),
-        "ppo/dual_clipfrac": Metric.masked(is_dual_clipped_BT.astype(jnp.float32), mask_BT),
         "ppo/ratio": Metric.masked(ratio_BT, mask_BT),
         "ppo/approx_kl_k1": Metric.masked(-log_ratio_BT, mask_BT),
         "ppo/approx_kl_k3": Metric.masked(jnp.expm1(log_ratio_BT) - log_ratio_BT, mask_BT),
     }
+    if dual_clip is not None:
+        metrics["ppo/dual_clipfrac"] = Metric.masked(is_dual_clipped_BT.astype(jnp.float32), mask_BT)
     if entropy_BT is not None:
         metrics["ppo/entropy"] = Metric.masked(entropy_BT, mask_BT)
     return loss.mean(), metrics

@@ -30,8 +30,9 @@ def sft_loss(
     is a mask from the data pipeline. Computed in float32; an all-zero mask gives loss 0.
 
     Metrics: ``sft/loss`` (the objective), ``sft/nll`` (plain cross-entropy, for perplexity),
-    ``sft/accuracy`` (argmax == target), ``sft/z_loss`` (mean (log Z)²), ``sft/num_tokens``
-    (masked tokens per call).
+    ``sft/accuracy`` (argmax == target), ``sft/num_tokens`` (masked tokens per call), and with the
+    z-loss on, ``sft/z_loss`` (mean (log Z)², the term before its coefficient). A term that is off
+    reports nothing, so no figure of a disabled term reaches the logs.
     """
     logits_BTV = jnp.asarray(logits_BTV, jnp.float32)
     mask_BT = jnp.asarray(loss_mask_BT, jnp.float32)
@@ -51,7 +52,8 @@ def sft_loss(
         "sft/loss": loss,
         "sft/nll": Metric.masked(nll_BT, mask_BT),
         "sft/accuracy": Metric.masked(correct_BT, mask_BT),
-        "sft/z_loss": Metric.masked(z_sq_BT, mask_BT),
         "sft/num_tokens": Metric.scalar(jnp.sum(mask_BT)),
     }
+    if z_loss:
+        metrics["sft/z_loss"] = Metric.masked(z_sq_BT, mask_BT)
     return loss.mean(), metrics
