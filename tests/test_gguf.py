@@ -37,6 +37,16 @@ R = 64
 _forward = jax.jit(models.forward, static_argnums=0)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def torch_one_thread():
+    """The torch oracle on one intra-op thread: with the 2 cores shared by other processes, torch's
+    2-thread decode steps stall in thread barriers (16 greedy SmolLM2 tokens: 68 s vs 2.6 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rel_err(ours: np.ndarray, want: np.ndarray, mask: np.ndarray) -> float:
     """max |Δ| / max |logits| over real (unpadded) positions."""
     m = mask.astype(bool)
@@ -343,6 +353,12 @@ def test_ambiguous_directories_name_the_files(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match=r"both a\.gguf and safetensors weights \(model\.safetensors\)"):
         models.load_pretrained(tmp_path)
+
+
+def test_a_file_that_is_not_gguf_names_the_file(tmp_path):
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(ValueError, match=r"junk\.gguf: not a readable GGUF file"):
+        models.load_pretrained(tmp_path / "junk.gguf")
 
 
 def test_convert_refuses_a_non_empty_directory(tmp_path):

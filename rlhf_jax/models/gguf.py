@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import struct
 from typing import Any
 
 import jax.numpy as jnp
@@ -93,7 +94,10 @@ def _reader(path: pathlib.Path):
         import gguf  # noqa: PLC0415 (optional dependency)
     except ImportError as e:
         raise ImportError(f"{path}: reading GGUF files needs the `gguf` package (pip install gguf)") from e
-    return gguf.GGUFReader(str(path))
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, OSError, struct.error) as e:  # bad magic, unknown version, truncated file
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
 def _field_value(field) -> Any:
@@ -144,7 +148,7 @@ def metadata(path: str | pathlib.Path) -> dict[str, Any]:
     CPU), so the result is cached per file (path, size, mtime): ``load_pretrained`` then
     ``load_tokenizer`` on one file parse it once.
     """
-    return _header(pathlib.Path(path))[0]
+    return dict(_header(pathlib.Path(path))[0])
 
 
 # ----------------------------------------------------------------------------------------------
