@@ -91,7 +91,9 @@ def test_cached_decoding_equals_full_forward(models_by_family, family):
     # reading only the written slots (as rollout's phased decode loop does) changes nothing
     windowed = jax.jit(functools.partial(models.decode_step, attend_slots=P + R), static_argnums=0)
     cached_windowed, _ = _cached_logits(cfg, params, ids, mask, prefill, windowed, slots)
-    np.testing.assert_allclose(cached_windowed[real], cached[real], atol=1e-6, rtol=0)
+    # fp32 rounding only: a window changes the softmax's reduction length, and XLA:CPU's reduction order
+    # differs between hosts (3.2e-6 on an AVX-512 EPYC); a wrong window is off by O(0.1)
+    np.testing.assert_allclose(cached_windowed[real], cached[real], atol=1e-5, rtol=0)
 
 
 def test_cache_overflow_is_an_error(models_by_family):

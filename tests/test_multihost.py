@@ -63,4 +63,6 @@ def test_two_processes_match_one_process(tmp_path):
     # the last-bit differences of gloo's and XLA's gradient sums into ~1e-6 steps on tiny gradients.)
     (cfg_two, two), (cfg_one, one) = (models.load_pretrained(tmp_path / name) for name in ("two", "one"))
     assert cfg_two == cfg_one
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), two, one)
+    # Adam's normalised step turns those last bits into up to 1.2e-5 on some hosts; loss, grad norm and
+    # param sums above stay at 1e-6, and a wrong gather gives unrelated weights
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-5), two, one)
