@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate")
+import gguf  # the test extra installs gguf, torch, transformers and accelerate: missing ones fail, not skip
+import torch
+import transformers
+import accelerate  # noqa: F401  (transformers' GGUF loader needs it)
 
 from hf_fixtures import hf_logits  # noqa: E402
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
@@ -179,7 +179,7 @@ def test_smollm2_pre_tokenizer_is_llama_cpps(smol):
     """``tokenizer.ggml.pre == "smollm"``: llama.cpp (llama-vocab.cpp) splits on ``\\p{N}`` first, then with
     GPT-2's regex. transformers' GGUF tokenizer uses GPT-2's regex alone, which differs where spaces
     precede a digit ("a  12": ours "a", "ĠĠ", "1", "2"; transformers "a", "Ġ", "Ġ", "1", "2")."""
-    regex = pytest.importorskip("regex")
+    import regex  # a transformers dependency
     gpt2 = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
     byte = bytes_to_unicode()
 
