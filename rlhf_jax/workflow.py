@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformers
 from tqdm.auto import tqdm
 
 from rlhf_jax import checkpoint, models, rollout, sharding, steps

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import pathlib
-import shutil
-import tempfile
 
 import pytest
 
@@ -39,31 +36,12 @@ def smollm2_gguf() -> pathlib.Path:
     return path
 
 
-def cache_root() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("RLHF_JAX_CACHE", pathlib.Path.home() / ".cache" / "rlhf_jax"))
-
-
 def smollm2_hf_dir() -> pathlib.Path:
     """SmolLM2 as a Hugging Face directory (config.json, model.safetensors, tokenizer files), converted once."""
     gguf_path = smollm2_gguf()
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{FORMAT}".encode()).hexdigest()[:16]
-    final = cache_root() / f"smollm2-hf-{key}"
-    if (final / "config.json").exists():
-        return final
+    from rlhf_jax.data.embedded import build_once, cache_root  # noqa: PLC0415
     from rlhf_jax.models.convert import convert_gguf  # noqa: PLC0415
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        convert_gguf(gguf_path, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        try:
-            os.rename(tmp, final)  # atomic; fails if another worker's copy is already in place
-        except OSError:
-            if not (final / "config.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(cache_root() / f"smollm2-hf-{key}", lambda tmp: convert_gguf(gguf_path, tmp))

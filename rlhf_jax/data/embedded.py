@@ -115,13 +115,21 @@ def embedded_dir() -> pathlib.Path:
     place; the first rename wins and the others discard theirs (the builds are identical).
     """
     corpus = tokenizer_corpus()
-    target = cache_root() / f"{VERSION}-{fingerprint(corpus)}"
+    return build_once(cache_root() / f"{VERSION}-{fingerprint(corpus)}", lambda tmp: build(tmp, corpus))
+
+
+def build_once(target: pathlib.Path, build_into) -> pathlib.Path:
+    """``target`` (a cached directory holding ``config.json``), built by ``build_into(tmp)`` if absent.
+
+    Safe for concurrent callers (pytest workers, parallel scripts): each builds into a temporary
+    sibling and renames it into place; the first rename wins and the others discard theirs."""
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build(tmp, corpus)
+        build_into(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
         os.rename(tmp, target)
     except OSError:
         if not (target / "config.json").exists():
