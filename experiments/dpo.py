@@ -19,7 +19,7 @@ import tyro
 
 from rlhf_jax import evaluation, losses, models, steps, workflow
 from rlhf_jax.configs import OptimizerConfig
-from rlhf_jax.data import BatchIterator, collate_pairs, encode, simulated
+from rlhf_jax.data import BatchIterator, collate_pairs, simulated
 from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.train_state import make_optimizer, place_train_state, shardings_of
 
@@ -43,7 +43,7 @@ class DPOConfig:
     """α of RPO: adds α × the chosen responses' per-token NLL to the loss (0 = plain DPO)."""
     steps: int = 300
     batch_size: int = 32
-    max_len: int = 80
+    max_len: int = 96
     eval_every: int = 150
     """Steps between held-out DPO losses (eval/dpo/*) on the held-out comparisons."""
     num_eval_prompts: int = 256
@@ -76,10 +76,10 @@ def main(cfg: DPOConfig) -> dict:
     train_rows = workflow.rows_from(cfg.data, "pairwise", "train", simulated.pairwise_rows)
     eval_rows = workflow.rows_from(cfg.data, "pairwise", "eval", simulated.pairwise_rows)
     collate = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id, length=cfg.max_len)
-    batches = BatchIterator(encode(train_rows, tokenizer, max_len=cfg.max_len), collate, batch_size=cfg.batch_size,
+    batches = BatchIterator(workflow.encode_rows(cfg.data, train_rows, tokenizer, max_len=cfg.max_len, what="training rows"), collate, batch_size=cfg.batch_size,
                             seed=cfg.run.seed)
 
-    evaluate = workflow.held_out_eval(eval_step, eval_rows, tokenizer, collate, max_len=cfg.max_len,
+    evaluate = workflow.held_out_eval(eval_step, eval_rows, tokenizer, collate, max_len=cfg.max_len, data=cfg.data,
                                       batch_size=cfg.batch_size, mesh=mesh, rules=rules)
 
     stage = "dpo" if cfg.variant == "dpo" else f"dpo_{cfg.variant}"

@@ -26,7 +26,7 @@ import tyro
 
 from rlhf_jax import checkpoint, evaluation, kl, losses, models, rollout, sharding, steps, workflow
 from rlhf_jax.configs import OptimizerConfig
-from rlhf_jax.data import BatchIterator, collate_prompts, encode_prompts, simulated
+from rlhf_jax.data import BatchIterator, collate_prompts, simulated
 from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.metrics import to_floats
 from rlhf_jax.train_state import make_optimizer, place_train_state, shardings_of
@@ -151,7 +151,9 @@ def main(cfg: PPOConfig) -> dict:
     if cfg.eval_every and not eval_prompts:
         print("[ppo] no held-out prompts (pass --data.eval-path or a --data.eval-fraction > 0): no evaluation",
               flush=True)
-    encoded = encode_prompts(train_rows, tokenizer, max_len=cfg.sample.max_prompt_len)
+    encoded = workflow.encode_rows(cfg.data, train_rows, tokenizer, max_len=cfg.sample.max_prompt_len,
+                                   what="training prompts", prompts_only=True, flag="--sample.max-prompt-len")
+    train_rows = workflow.kept_rows(train_rows, encoded)  # --data.truncate drop may have skipped some
 
     def collate(indices):  # a left-padded PromptBatch and the prompt texts (for the gold scorer and logs)
         batch = collate_prompts([None if i is None else encoded[i] for i in indices], pad_id=tokenizer.pad_token_id,

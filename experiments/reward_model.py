@@ -21,7 +21,7 @@ import tyro
 
 from rlhf_jax import advantages, losses, models, steps, workflow
 from rlhf_jax.configs import OptimizerConfig
-from rlhf_jax.data import BatchIterator, collate_pairs, encode, simulated
+from rlhf_jax.data import BatchIterator, collate_pairs, simulated
 from rlhf_jax.train_state import make_optimizer, place_train_state, shardings_of
 
 LOSSES = {"bt": losses.pairwise_reward_loss,
@@ -39,7 +39,7 @@ class RewardConfig:
     sample: workflow.SampleArgs = workflow.SampleArgs()
     steps: int = 400
     batch_size: int = 32
-    max_len: int = 80
+    max_len: int = 96
     loss: str = "bt"
     """Loss variant: one of bt, bt_margin, bt_centered."""
     eval_every: int = 200
@@ -60,7 +60,7 @@ def main(cfg: RewardConfig) -> dict:
     train_rows = workflow.rows_from(cfg.data, "pairwise", "train", simulated.pairwise_rows)
     eval_rows = workflow.rows_from(cfg.data, "pairwise", "eval", simulated.pairwise_rows)
     collate = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id, length=cfg.max_len)
-    batches = BatchIterator(encode(train_rows, tokenizer, max_len=cfg.max_len), collate,
+    batches = BatchIterator(workflow.encode_rows(cfg.data, train_rows, tokenizer, max_len=cfg.max_len, what="training rows"), collate,
                             batch_size=cfg.batch_size, seed=cfg.run.seed)
 
     optim_cfg = workflow.optimizer_for(cfg.optim, cfg.steps)
@@ -71,7 +71,7 @@ def main(cfg: RewardConfig) -> dict:
     train_step = steps.make_reward_step(model_cfg, optimizer, state_sh, mesh, rules, loss_fn=LOSSES[cfg.loss])
     eval_step = steps.make_eval_step(functools.partial(steps.reward_objective, model_cfg=model_cfg), state_sh, mesh, rules)
 
-    evaluate = workflow.held_out_eval(eval_step, eval_rows, tokenizer, collate, max_len=cfg.max_len,
+    evaluate = workflow.held_out_eval(eval_step, eval_rows, tokenizer, collate, max_len=cfg.max_len, data=cfg.data,
                                       batch_size=cfg.batch_size, mesh=mesh, rules=rules)
 
     state, last_eval = workflow.train_loop(stage="rm", run=cfg.run, state=state, step_fn=train_step, batches=batches,

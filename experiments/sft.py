@@ -19,7 +19,7 @@ import tyro
 
 from rlhf_jax import models, steps, workflow
 from rlhf_jax.configs import OptimizerConfig
-from rlhf_jax.data import BatchIterator, collate_sft, encode, pack, simulated
+from rlhf_jax.data import BatchIterator, collate_sft, pack, simulated
 from rlhf_jax.train_state import create_train_state, make_optimizer, place_train_state, shardings_of
 
 
@@ -35,7 +35,7 @@ class SFTConfig:
     """Optimizer steps (sets optim.total_steps)."""
     batch_size: int = 32
     """Sequences per step (global, over all hosts)."""
-    max_len: int = 80
+    max_len: int = 96
     """Tokens per sequence (prompts truncated from the left to fit)."""
     pack: bool = False
     """Pack several demonstrations per row (segment-masked attention)."""
@@ -50,7 +50,7 @@ def main(cfg: SFTConfig) -> dict:
     model_cfg, params, tokenizer = workflow.load_lm(cfg.model, jax.random.key(cfg.run.seed))
     train_rows = workflow.rows_from(cfg.data, "sft", "train", simulated.sft_rows)
     eval_rows = workflow.rows_from(cfg.data, "sft", "eval", simulated.sft_rows)
-    examples = encode(train_rows, tokenizer, max_len=cfg.max_len)
+    examples = workflow.encode_rows(cfg.data, train_rows, tokenizer, max_len=cfg.max_len, what="training rows")
     if cfg.pack:
         examples = pack(examples, cfg.max_len)
     collate = functools.partial(collate_sft, pad_id=tokenizer.pad_token_id, length=cfg.max_len)
@@ -69,7 +69,7 @@ def main(cfg: SFTConfig) -> dict:
     train_step = steps.make_sft_step(model_cfg, optimizer, state_sh, mesh, rules)
     eval_step = steps.make_eval_step(functools.partial(steps.sft_objective, model_cfg=model_cfg), state_sh, mesh, rules)
 
-    evaluate = workflow.held_out_eval(eval_step, eval_rows, tokenizer, collate, max_len=cfg.max_len,
+    evaluate = workflow.held_out_eval(eval_step, eval_rows, tokenizer, collate, max_len=cfg.max_len, data=cfg.data,
                                       batch_size=cfg.batch_size, mesh=mesh, rules=rules)
 
     state, last_eval = workflow.train_loop(stage="sft", run=cfg.run, state=state, step_fn=train_step, batches=batches,

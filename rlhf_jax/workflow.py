@@ -44,6 +44,11 @@ class ModelArgs:
     """Activation dtype (log-probs and losses are always float32)."""
     remat: bool = False
     """Rematerialise each layer in the backward pass (less memory, more compute)."""
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    """Text prompts through the tokenizer's chat template (as messages: a "Human:/Assistant:" or
+    "Customer:/Agent:" transcript becomes its turns, other text one user turn): "auto" when the tokenizer
+    has a template, "on" always, "off" never (raw text, for base models). Conversations always use it.
+    Applies to every encoding of the run: training rows, rollout, evaluation and reward-model prompts."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,10 @@ class DataArgs:
     """File layout: ours ("canonical") or a public one (HH-RLHF, TL;DR comparisons, TRL/UltraFeedback)."""
     skip_invalid: bool = False
     """Skip malformed rows (counted and reported) instead of stopping at the first one."""
+    truncate: Literal["error", "drop", "left", "right"] = "left"
+    """Rows longer than the length limit: "error" stops naming file:line; "drop" skips them; "left"
+    shortens the prompt (a conversation loses whole oldest turns, never the system or last user turn;
+    raw text loses tokens from the front, keeping BOS); "right" cuts the completion. Counted and printed."""
     eval_fraction: float = 0.05
     """Without --data.eval-path: share of the prompts of --data.path held out for evaluation (chosen by a
     hash of the prompt, so a prompt is held out in every file and stage it appears in; all rows of a
@@ -161,6 +170,9 @@ def load_lm(args: ModelArgs, key: jax.Array | None = None) -> tuple[models.Model
     models.check_tokenizer(cfg, tokenizer, source=str(path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    from rlhf_jax.data import chat
+
+    setattr(tokenizer, chat.TOKENIZER_ATTRIBUTE, args.chat_template)  # every encoding of this run agrees
     return cfg, params, tokenizer
 
 
@@ -253,6 +265,41 @@ def split_held_out(rows: Sequence[Any], fraction: float) -> tuple[list, list]:
     train = [r for r in rows if _prompt_key(r.prompt) not in held]
     held_out = [r for r in rows if _prompt_key(r.prompt) in held]
     return train, held_out
+
+
+def encode_rows(data: DataArgs, rows: Sequence[Any], tokenizer: Any, *, max_len: int, what: str,
+                prompts_only: bool = False, flag: str = "--max-len") -> list:
+    """``rows`` encoded with ``data.truncate`` (prompt + completion <= ``max_len``, or the prompts alone with
+    ``prompts_only``); truncated or dropped rows are counted and printed, naming ``what`` and ``flag``."""
+    from rlhf_jax.data import encode
+
+    report = ValidationReport()
+    fn = encode_prompts if prompts_only else encode
+    out = fn(rows, tokenizer, max_len=max_len, truncate=data.truncate, report=report)
+    announce_truncation(report, len(rows), what=what, max_len=max_len, mode=data.truncate, flag=flag)
+    return out
+
+
+def kept_rows(rows: Sequence[Any], encoded: Sequence[Any]) -> list:
+    """The rows ``encoded`` kept, in order (``truncate="drop"`` skips rows; the rest keep their order)."""
+    kept, it = [], iter(encoded)
+    pending = next(it, None)
+    for row in rows:
+        if pending is not None and pending.source == row.source:
+            kept.append(row)
+            pending = next(it, None)
+    if pending is not None or len(kept) != len(encoded):
+        raise ValueError("kept_rows: the encoded rows are not an ordered subset of the rows (sources differ)")
+    return kept
+
+
+def announce_truncation(report: ValidationReport, total: int, *, what: str, max_len: int, mode: str, flag: str
+                        ) -> None:
+    if report.truncated or report.num_skipped:
+        dropped = report.skipped.get("too_long", 0)
+        _announce(f"[data] {what}: {report.truncated} of {total} rows truncated, {dropped} dropped, to fit {flag} "
+                  f"{max_len} (--data.truncate {mode})" + "".join(f"; e.g. {m}" for m in
+                                                               report.examples.get("too_long", [])[:1]))
 
 
 def prompt_texts(rows: Sequence[Any]) -> list:
@@ -350,12 +397,10 @@ def _jsonable(config: Any) -> dict:
 
 
 def held_out_eval(eval_step: Callable, rows: Sequence[Any], tokenizer: Any, collate: Callable, *, max_len: int,
-                  batch_size: int, mesh, rules) -> Callable[[TrainState], dict[str, float]]:
-    """``evaluate(state)``: exact metric means of ``eval_step`` over every held-out row ({} without rows).
-    The last batch is padded with zero-mask rows, so no row is dropped."""
-    from rlhf_jax.data import encode
-
-    examples = encode(rows, tokenizer, max_len=max_len) if rows else []
+                  batch_size: int, mesh, rules, data: DataArgs = DataArgs()) -> Callable[[TrainState], dict[str, float]]:
+    """``evaluate(state)``: exact metric means of ``eval_step`` over every held-out row ({} without rows),
+    encoded with ``data.truncate`` (counted and printed). The last batch is padded with zero-mask rows."""
+    examples = encode_rows(data, rows, tokenizer, max_len=max_len, what="held-out rows") if rows else []
 
     def evaluate(state: TrainState) -> dict[str, float]:
         if not examples:
@@ -382,8 +427,9 @@ def evaluate_batches(eval_step: Callable, state: TrainState, batches: Iterator, 
 class SampleArgs:
     """How responses are sampled (rollouts, evaluation, best-of-n)."""
 
-    max_prompt_len: int = 32
-    """Prompts are left-padded (or left-truncated, counted) to this many tokens."""
+    max_prompt_len: int = 48
+    """Prompts are left-padded to this many tokens (a longer one is shortened as --data.truncate left
+    does, never cutting its last turn, counted and printed)."""
     max_new_tokens: int = 48
     """Response length limit."""
     temperature: float = 1.0
@@ -401,6 +447,8 @@ def prompt_batches(prompts: Sequence[str], tokenizer: Any, sample: SampleArgs) -
     report = ValidationReport()
     encoded = encode_prompts([PromptRow(prompt=p) for p in prompts], tokenizer, max_len=sample.max_prompt_len,
                              report=report)
+    announce_truncation(report, len(prompts), what="sampled prompts", max_len=sample.max_prompt_len, mode="left",
+                        flag="--sample.max-prompt-len")
     batches = []
     for i in range(0, len(encoded), sample.batch_size):
         chunk: list[Any] = list(encoded[i:i + sample.batch_size])

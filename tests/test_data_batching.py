@@ -52,7 +52,7 @@ def scored_targets(ids_T, mask_T) -> list[int]:
 
 def test_sft_text_rows_ids_masks_positions(tok):
     rows = [SFTRow("Translate to French: cheese", " fromage"), SFTRow("Name a prime.", " 7")]
-    batch = collate_sft(encode(rows, tok, max_len=40), pad_id=tok.pad_token_id, length=40)
+    batch = collate_sft(encode(rows, tok, max_len=40, chat_template="off"), pad_id=tok.pad_token_id, length=40)
     assert batch.input_ids_BT.shape == (2, 40) and batch.input_ids_BT.dtype == np.int32
     assert batch.loss_mask_BT.dtype == np.float32 and batch.attention_mask_BT.dtype == np.int32
     for b, row in enumerate(rows):
@@ -70,7 +70,7 @@ def test_sft_text_rows_ids_masks_positions(tok):
 
 def test_chat_rows_use_the_template_and_end_in_one_eos(tok):
     rows = [SFTRow(SAY_HI, "Hi!"), SFTRow("Name a prime.", " 7<eos>")]  # EOS already present: not doubled
-    batch = collate_sft(encode(rows, tok, max_len=32), pad_id=tok.pad_token_id, length=32)
+    batch = collate_sft(encode(rows, tok, max_len=32, chat_template="off"), pad_id=tok.pad_token_id, length=32)
     n = int(batch.attention_mask_BT[0].sum())
     full = tok.apply_chat_template([{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}],
                                    tokenize=False)
@@ -94,8 +94,8 @@ def test_chat_template_errors(tok):
 
 def test_pair_batch(tok):
     rows = [PairRow("Name a prime.", " 7", " eight", 0.5), PairRow(SAY_HI, "Hi!", "No.")]
-    batch = collate_pairs(encode(rows, tok, max_len=24), pad_id=tok.pad_token_id, length=24)
-    assert batch.chosen_ids_BT.shape == batch.rejected_ids_BT.shape == (2, 24)
+    batch = collate_pairs(encode(rows, tok, max_len=32, chat_template="off"), pad_id=tok.pad_token_id, length=32)
+    assert batch.chosen_ids_BT.shape == batch.rejected_ids_BT.shape == (2, 32)
     assert batch.margin_B.tolist() == [0.5, 0.0] and batch.margin_B.dtype == np.float32
     for b, row in enumerate(rows):
         chosen = scored_targets(batch.chosen_ids_BT[b], batch.chosen_response_mask_BT[b])
@@ -109,7 +109,7 @@ def test_pair_batch(tok):
 
 def test_ranked_batch_orders_best_first_and_pads_responses(tok):
     rows = [RankRow("Rate my haiku.", (" Nice.", " Awful.", " Good."), (2, 0, 1)), RankRow("Name a prime.", (" 8", " 7"), (1, 0))]
-    batch = collate_ranked(encode(rows, tok, max_len=24), pad_id=tok.pad_token_id, length=24, num_responses=4)
+    batch = collate_ranked(encode(rows, tok, max_len=24, chat_template="off"), pad_id=tok.pad_token_id, length=24, num_responses=4)
     assert batch.input_ids_BNT.shape == (2, 4, 24)
     assert batch.valid_BN.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
     best_first = [[" Good.", " Nice.", " Awful."], [" 7", " 8"]]
@@ -119,19 +119,19 @@ def test_ranked_batch_orders_best_first_and_pads_responses(tok):
     padded = batch.valid_BN == 0
     assert (batch.attention_mask_BNT[padded] == 0).all() and (batch.response_mask_BNT[padded] == 0).all()
     with pytest.raises(ValueError, match="a RankBatch row holds 2..2"):
-        collate_ranked(encode(rows, tok, max_len=24), pad_id=0, length=24, num_responses=2)
+        collate_ranked(encode(rows, tok, max_len=24, chat_template="off"), pad_id=0, length=24, num_responses=2)
 
 
 def test_binary_batch(tok):
     rows = [BinaryRow("Tell a joke.", " No.", False), BinaryRow(SAY_HI, "Hi!", True)]
-    batch = collate_binary(encode(rows, tok, max_len=24), pad_id=tok.pad_token_id, length=24)
+    batch = collate_binary(encode(rows, tok, max_len=32, chat_template="off"), pad_id=tok.pad_token_id, length=32)
     assert batch.label_B.tolist() == [0.0, 1.0]
     assert tok.decode(scored_targets(batch.input_ids_BT[0], batch.response_mask_BT[0])) == " No.<eos>"
 
 
 def test_prompt_batch_is_left_padded(tok):
     rows = [PromptRow("Name a prime."), SFTRow(SAY_HI, "Hi!"), PairRow(LONG, " x", " y")]  # any row has a prompt
-    prompts = encode_prompts(rows, tok, max_len=24)
+    prompts = encode_prompts(rows, tok, max_len=24, chat_template="off")
     assert all(len(e.completion_ids) == 0 for e in prompts)
     batch = collate_prompts(prompts, pad_id=tok.pad_token_id, length=32)
     assert batch.prompt_ids_BP.shape == (3, 32) and (batch.prompt_mask_BP[:, -1] == 1).all()
@@ -142,13 +142,13 @@ def test_prompt_batch_is_left_padded(tok):
     assert batch.prompt_mask_BP[2].sum() == 24  # truncated to max_len
     assert batch.prompt_ids_BP[2, -24] == tok.bos_token_id and batch.prompt_ids_BP[2, -1] == ids_of(tok, LONG)[-1]
     with pytest.raises(ValueError, match="no completion to train on; use encode_prompts"):
-        encode(rows[:1], tok, max_len=24)
+        encode(rows[:1], tok, max_len=24, chat_template="off")
 
 
 def test_truncate_left_keeps_bos_and_completion(tok):
     report = ValidationReport()
     rows = [PairRow(LONG, " 7", " eight"), PairRow("Name a prime.", " 7", " 8")]
-    encoded = encode(rows, tok, max_len=16, report=report)
+    encoded = encode(rows, tok, max_len=16, chat_template="off", report=report)
     full = [tok.bos_token_id] + ids_of(tok, LONG)
     longest = len(ids_of(tok, " eight")) + 1
     assert encoded[0].prompt_ids.tolist() == [tok.bos_token_id] + full[len(full) - (16 - longest - 1):]
@@ -160,20 +160,20 @@ def test_truncate_left_keeps_bos_and_completion(tok):
 def test_truncate_drop_counts_and_reports(tok):
     rows = [SFTRow("Name a prime.", " 7", source="d.jsonl:1"), SFTRow(LONG, " 7", source="d.jsonl:2")]
     report = ValidationReport()
-    encoded = encode(rows, tok, max_len=16, truncate="drop", report=report)
+    encoded = encode(rows, tok, max_len=16, chat_template="off", truncate="drop", report=report)
     assert [e.source for e in encoded] == ["d.jsonl:1"]
     assert report.skipped == {"too_long": 1} and report.examples["too_long"][0].startswith("d.jsonl:2:prompt: prompt (")
     with pytest.warns(UserWarning, match="too_long: 1"):
-        assert len(encode(rows, tok, max_len=16, truncate="drop")) == 1
+        assert len(encode(rows, tok, max_len=16, chat_template="off", truncate="drop")) == 1
 
 
 def test_completion_longer_than_max_len(tok):
     rows = [SFTRow("Name a prime.", LONG, source="d.jsonl:7")]
     with pytest.raises(DataError, match=r"^d\.jsonl:7:completion: the completion alone has \d+ tokens") as info:
-        encode(rows, tok, max_len=16)
+        encode(rows, tok, max_len=16, chat_template="off")
     assert info.value.reason == "too_long"
     report = ValidationReport()
-    assert encode(rows, tok, max_len=16, truncate="drop", report=report) == [] and report.skipped["too_long"] == 1
+    assert encode(rows, tok, max_len=16, chat_template="off", truncate="drop", report=report) == [] and report.skipped["too_long"] == 1
 
 
 def scored_contexts(batch) -> collections.Counter:
@@ -190,7 +190,7 @@ def scored_contexts(batch) -> collections.Counter:
 def test_packing_scores_the_same_tokens_in_the_same_contexts(tok):
     texts = ["Name a prime.", "Say hi.", "Tell a joke.", "Translate to French: cheese", "Help", "What is 2+2?"]
     rows = [SFTRow(p, c) for p, c in zip(texts, [" 7", " Hi!", " No.", " fromage", " ok", " 4"])]
-    encoded = encode(rows, tok, max_len=24)
+    encoded = encode(rows, tok, max_len=24, chat_template="off")
     packs = pack(encoded, 24)
     assert [e for p in packs for e in p] == encoded and len(packs) < len(encoded)
     assert all(sum(e.length for e in p) <= 24 for p in packs)
@@ -211,12 +211,12 @@ def test_pad_length_fixed_and_buckets(tok):
     assert pad_length(5, 32) == 32 and pad_length(5, [16, 8, 32]) == 8 and pad_length(9, (8, 16)) == 16
     with pytest.raises(ValueError, match="does not fit"):
         pad_length(33, [8, 16, 32])
-    encoded = encode([SFTRow("Name a prime.", " 7")], tok, max_len=32)
+    encoded = encode([SFTRow("Name a prime.", " 7")], tok, max_len=32, chat_template="off")
     assert collate_sft(encoded, pad_id=0, length=(8, 16, 32)).input_ids_BT.shape == (1, pad_length(encoded[0].length, (8, 16, 32)))
 
 
 def test_none_rows_are_empty_and_kinds_are_checked(tok):
-    encoded = encode([PairRow("Name a prime.", " 7", " 8")], tok, max_len=16)
+    encoded = encode([PairRow("Name a prime.", " 7", " 8")], tok, max_len=16, chat_template="off")
     batch = collate_pairs([encoded[0], None], pad_id=tok.pad_token_id, length=16)
     assert (batch.chosen_ids_BT[1] == tok.pad_token_id).all() and batch.chosen_attention_mask_BT[1].sum() == 0
     assert batch.chosen_response_mask_BT[1].sum() == batch.rejected_response_mask_BT[1].sum() == 0
@@ -289,7 +289,7 @@ def test_iterator_hosts_take_slices_of_the_global_batch(last_batch):
 def test_iterator_with_collate_gives_static_shapes(tok):
     rows = [SFTRow(p, " ok") for p in ["Name a prime.", "Say hi.", "Tell a joke.", "Help", "What is 2+2?"]]
     collate = functools.partial(collate_sft, pad_id=tok.pad_token_id, length=16)
-    it = BatchIterator(encode(rows, tok, max_len=16), collate, batch_size=2, seed=0, last_batch="pad", num_epochs=1,
+    it = BatchIterator(encode(rows, tok, max_len=16, chat_template="off"), collate, batch_size=2, seed=0, last_batch="pad", num_epochs=1,
                        process_index=0, process_count=1)
     batches = list(it)
     assert [b.input_ids_BT.shape for b in batches] == [(2, 16)] * 3

@@ -8,21 +8,31 @@ Two steps, so that tokenization runs once per dataset and batching once per step
 
 Tokenization
 ------------
-* A text prompt is encoded as ``tokenizer(prompt)`` does, with the tokenizer's own special tokens
-  (e.g. BOS). A conversation prompt is rendered with the chat template
-  (``add_generation_prompt=True``) and encoded without adding special tokens (the template has them).
-* A completion is encoded without special tokens and EOS is appended, unless it already contains
-  EOS. For a conversation the completion is the text the chat template adds for the assistant turn
-  (its end-of-turn marker included), i.e. ``render(prompt + [answer])`` minus ``render(prompt)``.
+* A conversation prompt is rendered with the chat template (``add_generation_prompt=True``) and
+  encoded without adding special tokens (the template has them). A **text** prompt is rendered the
+  same way, as the messages :func:`rlhf_jax.data.chat.as_conversation` makes of it (a transcript's
+  turns, else one user turn), when ``chat_template`` is "on", or "auto" (the default; None takes the
+  run's ``--model.chat-template``, recorded on the tokenizer) and the tokenizer has a template; with
+  "off" (or no template) it is encoded as ``tokenizer(prompt)`` does,
+  with the tokenizer's own special tokens (e.g. BOS).
+* A completion is encoded without special tokens and ends in exactly one EOS: appended if absent.
+  For a templated prompt the completion is the text the chat template adds for the assistant turn,
+  i.e. ``render(prompt + [answer])`` minus ``render(prompt)``, cut after its first EOS (a template's
+  trailing ``"\\n"`` after ``<|im_end|>`` is not part of what a policy samples, and the reward model
+  must be trained on the token where PPO scores a response: its EOS).
 * Prompt and completion are encoded separately and concatenated, so the boundary between them is
   exact (BPE merges never straddle it).
 
-Truncation (``max_len`` counts prompt + the longest completion of the row)
--------------------------------------------------------------------------
-* ``truncate="left"``: drop prompt tokens from the left, keeping a leading BOS and the whole
-  completion(s); counted in ``report.truncated``. A completion that leaves no room for even one
-  prompt token raises ``DataError``.
-* ``truncate="drop"``: skip the row; counted in the report under ``too_long``.
+Truncation (``max_len`` counts prompt + the longest completion of the row; ``truncate=``)
+-----------------------------------------------------------------------------------------
+* ``"error"``: a row that does not fit raises ``DataError`` naming ``file:line:field``.
+* ``"drop"``: skip the row; counted in the report under ``too_long``.
+* ``"left"`` (default): shorten the prompt, keeping the whole completion(s). A templated prompt loses
+  whole turns, oldest first, after any system message: the system and the last user turn are never
+  cut (a row whose last turn alone does not fit raises). A raw text prompt loses tokens from the
+  left, keeping a leading BOS. Counted in ``report.truncated``.
+* ``"right"``: cut the completion(s) from the end (they lose their EOS); the prompt is never cut.
+  Counted in ``report.truncated``.
 
 Padding length (``length=``): an ``int`` pads every batch to that length (static shapes: one
 compilation); a sequence of ints is a set of buckets, each batch padded to the smallest bucket that
@@ -31,15 +41,17 @@ fits (one compilation per bucket; in multi-host runs use a fixed length so all h
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
-from rlhf_jax.data.formats import BinaryRow, PairRow, Prompt, PromptRow, RankRow, Row, SFTRow
+from rlhf_jax.data.chat import ChatTemplate, as_conversation, uses_template
+from rlhf_jax.data.formats import BinaryRow, Message, PairRow, Prompt, PromptRow, RankRow, Row, SFTRow
 from rlhf_jax.data.validation import DataError, ValidationReport, warn_if_unreported
 from rlhf_jax.types import BinaryBatch, PairBatch, PromptBatch, RankBatch, SFTBatch
 
-Truncate = Literal["left", "drop"]
+Truncate = Literal["error", "drop", "left", "right"]
+TRUNCATE_MODES: tuple[Truncate, ...] = ("error", "drop", "left", "right")
 Length = int | Sequence[int]
 
 
@@ -75,17 +87,26 @@ def _completions(row: Row) -> tuple[str, ...]:
     raise TypeError(f"not a row: {type(row).__name__}")
 
 
-def render(prompt: Prompt, completions: Sequence[str], tokenizer: Any, source: str = "<row>") -> tuple[str, list[str]]:
-    """The prompt and completion texts the model sees (chat template applied to conversations)."""
-    if isinstance(prompt, str):
+def render(prompt: Prompt, completions: Sequence[str], tokenizer: Any, source: str = "<row>",
+           chat_template: ChatTemplate | None = None) -> tuple[str, list[str]]:
+    """The prompt and completion texts the model sees: the chat template applied to conversations and,
+    unless ``chat_template="off"`` (or "auto" with a tokenizer that has none), to text prompts turned
+    into messages (:func:`rlhf_jax.data.chat.as_conversation`). None: the tokenizer's setting
+    (:func:`rlhf_jax.data.chat.uses_template`)."""
+    if not uses_template(prompt, tokenizer, chat_template, source):
         return prompt, list(completions)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{source}: the prompt is a conversation but the tokenizer has no chat template")
-    turns = [dataclasses.asdict(m) for m in prompt]
-    head = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    if not isinstance(prompt, str):
+        return _render_turns(prompt, list(completions), tokenizer, source)
+    return _render_turns(as_conversation(prompt), [c.lstrip() for c in completions], tokenizer, source)
+
+
+def _render_turns(turns: Sequence[Message], completions: Sequence[str], tokenizer: Any, source: str
+                  ) -> tuple[str, list[str]]:
+    messages = [dataclasses.asdict(m) for m in turns]
+    head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     tails = []
     for completion in completions:
-        full = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": completion}], tokenize=False)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
         if not full.startswith(head):
             raise DataError(source, "prompt", "chat_template", "the chat template does not render the prompt "
                             "(with add_generation_prompt=True) as a prefix of prompt + answer")
@@ -93,51 +114,111 @@ def render(prompt: Prompt, completions: Sequence[str], tokenizer: Any, source: s
     return head, tails
 
 
-def _fit(prompt: list[int], completions: list[list[int]], max_len: int, truncate: Truncate, bos_id: int | None,
-         source: str, report: ValidationReport) -> list[int]:
-    """The prompt, left-truncated so that prompt + longest completion <= max_len (or DataError)."""
+def _end_at_eos(ids: list[int], eos: int, templated: bool, tokenizer: Any, source: str) -> list[int]:
+    """A completion's ids ending in exactly one EOS: appended if absent; for a templated answer, what the
+    template writes after its end-of-turn EOS (e.g. ChatML's ``"\\n"`` after ``<|im_end|>``) is cut, so
+    the sequence ends where a sampled response stops and the reward model is trained on the token PPO
+    scores. Text after an EOS that is more than template whitespace is an error, not dropped."""
+    if eos not in ids:
+        return ids + [eos]
+    cut = ids.index(eos) + 1
+    rest = ids[cut:]
+    if rest and (not templated or tokenizer.decode(rest).strip()):
+        raise DataError(source, "completion", "eos_inside", f"the completion has the end-of-sequence token "
+                        f"{tokenizer.convert_ids_to_tokens(eos)!r} before its end, followed by "
+                        f"{tokenizer.decode(rest)!r}")
+    return ids[:cut]
+
+
+def _too_long(source: str, prompt: int, longest: int, max_len: int, hint: str = "") -> DataError:
+    return DataError(source, "prompt", "too_long", f"prompt ({prompt} tokens) + completion ({longest}) > max_len "
+                     f"{max_len}{hint}: raise the length limit or pass --data.truncate drop (skip such rows), "
+                     f"left (drop the oldest turns / prompt tokens) or right (cut the completion)")
+
+
+def _fit(prompt: list[int], completions: list[list[int]], *, max_len: int, truncate: Truncate,
+         bos_id: int | None, turns: tuple[Message, ...] | None, encode_head: Callable[[Sequence[Message]], list[int]],
+         source: str, report: ValidationReport) -> tuple[list[int], list[list[int]]]:
+    """``(prompt, completions)`` with prompt + longest completion <= max_len, by ``truncate`` (module
+    docstring), or DataError. ``turns``: the conversation a templated prompt was rendered from."""
     if not prompt:
         raise DataError(source, "prompt", "empty_text", "the prompt encodes to no tokens")
     longest = max(map(len, completions), default=0)
     if len(prompt) + longest <= max_len:
-        return prompt
-    if truncate == "drop":
-        raise DataError(source, "prompt", "too_long",
-                        f"prompt ({len(prompt)} tokens) + completion ({longest}) > max_len {max_len}")
+        return prompt, completions
+    if truncate in ("error", "drop"):
+        raise _too_long(source, len(prompt), longest, max_len)
+    if truncate == "right":
+        room = max_len - len(prompt)
+        if room < 1 or not completions:
+            raise DataError(source, "prompt", "too_long", f"the prompt alone has {len(prompt)} tokens (max_len "
+                            f"{max_len}); --data.truncate right cuts completions only, never the prompt")
+        report.truncated += 1
+        return prompt, [c[:room] for c in completions]
     room = max_len - longest
     if room < 1:
         raise DataError(source, "completion", "too_long", f"the completion alone has {longest} tokens: max_len "
-                        f"{max_len} leaves no room for the prompt (use truncate='drop' to skip such rows)")
-    report.truncated += 1
-    head = prompt[:1] if bos_id is not None and prompt[0] == bos_id else []
-    return head + prompt[len(prompt) - (room - len(head)):]
+                        f"{max_len} leaves no room for the prompt (--data.truncate drop skips such rows, right "
+                        f"cuts the completion)")
+    if turns is None:  # raw text: drop tokens from the left, keeping a leading BOS
+        report.truncated += 1
+        head = prompt[:1] if bos_id is not None and prompt[0] == bos_id else []
+        return head + prompt[len(prompt) - (room - len(head)):], completions
+    # a conversation: drop whole turns after any leading system message, oldest first; never cut a turn
+    system = 0
+    while system < len(turns) and turns[system].role == "system":
+        system += 1
+    kept = list(turns[system:])
+    while len(kept) > 1:
+        kept = kept[1:]
+        while len(kept) > 1 and kept[0].role != "user":  # a conversation restarts at a user turn
+            kept = kept[1:]
+        ids = encode_head(list(turns[:system]) + kept)
+        if len(ids) <= room:
+            report.truncated += 1
+            return ids, completions
+    raise DataError(source, "prompt", "too_long", f"the last turn alone leaves a {len(encode_head(list(turns[:system]) + kept))}"
+                    f"-token prompt, over the {room} tokens that max_len {max_len} leaves beside the completion "
+                    f"({longest}); left truncation drops whole earlier turns and never cuts the system or user turn: "
+                    f"raise the length limit, or pass --data.truncate drop or right")
 
 
 def _encode(rows: Sequence[Row], tokenizer: Any, max_len: int, truncate: Truncate,
-            report: ValidationReport | None, with_completions: bool) -> list[Encoded]:
-    if truncate not in ("left", "drop"):
-        raise ValueError(f"truncate must be 'left' or 'drop', got {truncate!r}")
+            report: ValidationReport | None, with_completions: bool, chat_template: ChatTemplate) -> list[Encoded]:
+    if truncate not in TRUNCATE_MODES:
+        raise ValueError(f"truncate must be one of {TRUNCATE_MODES}, got {truncate!r}")
     eos = tokenizer.eos_token_id
     if with_completions and eos is None:
         raise ValueError("the tokenizer has no eos_token: completions need one to end on")
-    rendered = [render(row.prompt, _completions(row) if with_completions else (), tokenizer, row.source) for row in rows]
+    templated = [uses_template(row.prompt, tokenizer, chat_template, row.source) for row in rows]
+    rendered = [render(row.prompt, _completions(row) if with_completions else (), tokenizer, row.source, chat_template)
+                for row in rows]
 
     def ids(texts: list[str], special: bool) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else []
 
-    plain = [i for i, row in enumerate(rows) if isinstance(row.prompt, str)]
-    chat = [i for i, row in enumerate(rows) if not isinstance(row.prompt, str)]
     prompts: list[list[int]] = [[] for _ in rows]
-    for group, special in ((plain, True), (chat, False)):
+    for flag, special in ((False, True), (True, False)):  # raw text gets the tokenizer's BOS; a template has its own
+        group = [i for i, t in enumerate(templated) if t == flag]
         for i, p in zip(group, ids([rendered[i][0] for i in group], special)):
             prompts[i] = p
     flat = iter(ids([c for _, tails in rendered for c in tails], False))
     counted = report if report is not None else ValidationReport()
+
+    def encode_head(turns: Sequence[Message]) -> list[int]:
+        head = tokenizer.apply_chat_template([dataclasses.asdict(m) for m in turns], tokenize=False,
+                                             add_generation_prompt=True)
+        return ids([head], False)[0]
+
     out = []
-    for row, prompt, (_, tails) in zip(rows, prompts, rendered):
-        completions = [c if eos in c else c + [eos] for c in (next(flat) for _ in tails)]
+    for row, prompt, (_, tails), is_chat in zip(rows, prompts, rendered, templated):
+        completions = [next(flat) for _ in tails]
         try:
-            prompt = _fit(prompt, completions, max_len, truncate, tokenizer.bos_token_id, row.source, counted)
+            completions = [_end_at_eos(c, eos, is_chat, tokenizer, row.source) for c in completions]
+            prompt, completions = _fit(prompt, completions, max_len=max_len, truncate=truncate,
+                                       bos_id=tokenizer.bos_token_id,
+                                       turns=as_conversation(row.prompt) if is_chat else None,
+                                       encode_head=encode_head, source=row.source, report=counted)
         except DataError as error:
             if error.reason != "too_long" or truncate != "drop":
                 raise
@@ -155,19 +236,19 @@ def _encode(rows: Sequence[Row], tokenizer: Any, max_len: int, truncate: Truncat
 
 
 def encode(rows: Sequence[Row], tokenizer: Any, *, max_len: int, truncate: Truncate = "left",
-           report: ValidationReport | None = None) -> list[Encoded]:
+           report: ValidationReport | None = None, chat_template: ChatTemplate | None = None) -> list[Encoded]:
     """Tokenize rows (any kind) into prompt + EOS-terminated completion ids fitted to ``max_len``.
 
     ``tokenizer`` is a ``transformers.PreTrainedTokenizerFast``. See the module docstring for the
     tokenization and truncation rules; truncated and dropped rows are counted in ``report``.
     """
-    return _encode(rows, tokenizer, max_len, truncate, report, with_completions=True)
+    return _encode(rows, tokenizer, max_len, truncate, report, with_completions=True, chat_template=chat_template)
 
 
 def encode_prompts(rows: Sequence[Row], tokenizer: Any, *, max_len: int, truncate: Truncate = "left",
-                   report: ValidationReport | None = None) -> list[Encoded]:
+                   report: ValidationReport | None = None, chat_template: ChatTemplate | None = None) -> list[Encoded]:
     """Tokenize only the prompts of ``rows`` (for generation), fitted to ``max_len``."""
-    return _encode(rows, tokenizer, max_len, truncate, report, with_completions=False)
+    return _encode(rows, tokenizer, max_len, truncate, report, with_completions=False, chat_template=chat_template)
 
 
 def pack(examples: Sequence[Encoded], max_len: int) -> list[tuple[Encoded, ...]]:

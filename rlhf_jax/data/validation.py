@@ -30,6 +30,7 @@ Reason = Literal[
     "prefix_mismatch",  # HH-RLHF / TRL: chosen and rejected transcripts start differently
     "chat_template",  # the tokenizer's chat template does not render the prompt as a prefix
     "too_long",  # prompt + completion exceed max_len (dropped with truncate="drop")
+    "eos_inside",  # a completion holds the end-of-sequence token before its end
 ]
 
 
