@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 Kind = Literal["embedded", "pretrained"]
 
@@ -138,3 +138,22 @@ def resolve(cfg: Any, stage: str, *, kind: Kind, facts: Mapping[str, Any] | None
     if chosen and printer is not None and kind == "pretrained":
         printer(f"[{stage}] defaults for a pretrained model (pass a flag to change one): " + "; ".join(chosen))
     return cfg
+
+
+def data_facts(examples: Sequence[Any] = (), model_cfg: Any = None, *, prompts: Sequence[Any] = (),
+               num_prompts: int | None = None) -> dict[str, int]:
+    """The facts the tables' rules read, measured on ``rlhf_jax.data.Encoded`` lists encoded without
+    truncation (``max_len`` = the model's positions): ``longest_example`` (prompt + longest
+    completion over ``examples``), ``longest_prompt`` (over ``examples`` and ``prompts``),
+    ``num_prompts`` and ``max_positions``."""
+    facts: dict[str, int] = {}
+    if examples:
+        facts["longest_example"] = max(e.length for e in examples)
+    every = list(examples) + list(prompts)
+    if every:
+        facts["longest_prompt"] = max(len(e.prompt_ids) for e in every)
+    if num_prompts is not None:
+        facts["num_prompts"] = int(num_prompts)
+    if model_cfg is not None:
+        facts["max_positions"] = int(model_cfg.max_position_embeddings)
+    return facts
