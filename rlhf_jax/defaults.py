@@ -37,7 +37,7 @@ def _length_from(fact: str, *, cap: str = "max_positions") -> Callable[[Mapping[
         value = round_up(longest)
         if "max_positions" in facts:
             value = min(value, int(facts[cap]))
-        return value, f"longest {fact.replace('_', ' ')} in the data: {longest} tokens"
+        return value, f"longest {fact.removeprefix('longest_').replace('_', ' ')} in the data: {longest} tokens"
 
     return rule
 

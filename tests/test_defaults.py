@@ -80,3 +80,75 @@ def test_max_len_never_exceeds_the_model_positions():
     cfg = defaults.resolve(_SFT(), "sft", kind="pretrained", printer=None,
                            facts={"longest_example": 2050, "longest_prompt": 40, "max_positions": 2048})
     assert cfg.max_len == 2048
+
+
+# --- the scripts resolve their auto fields (sft.py in-process, tiny budgets) ----------------------
+
+import importlib.util
+import pathlib
+import shutil
+import sys
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"_exp_{name}", _ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sft_on_the_embedded_model_resolves_to_the_tuned_values():
+    sft = _script("sft")
+    from rlhf_jax import workflow
+    model_cfg, _, tokenizer = workflow.load_lm(workflow.ModelArgs())
+    cfg = sft.resolve_config(sft.SFTConfig(), model_cfg, tokenizer, [])
+    assert (cfg.optim.learning_rate, cfg.max_len, cfg.sample.max_prompt_len, cfg.sample.max_new_tokens) == (2e-3, 80, 32, 48)
+
+
+def test_optimizer_refuses_an_unresolved_learning_rate():
+    from rlhf_jax.configs import OptimizerConfig
+    from rlhf_jax.train_state import make_optimizer
+    with pytest.raises(ValueError, match="learning-rate"):
+        make_optimizer(OptimizerConfig(learning_rate=None))
+
+
+def _pretrained_dir(tmp_path):
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from hf_fixtures import make_tiny_checkpoint
+    src = embedded.embedded_dir()  # its tokenizer, on a model that is not the embedded architecture
+    path = make_tiny_checkpoint("llama", tmp_path / "tiny", vocab_size=1024, bos_token_id=0, eos_token_id=1,
+                                pad_token_id=2, max_position_embeddings=128)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).exists():
+            shutil.copy(src / name, path / name)
+    return path
+
+
+def test_sft_on_a_pretrained_model_prints_its_defaults_and_fits_max_len_to_the_data(tmp_path, capsys):
+    sft = _script("sft")
+    from rlhf_jax import workflow
+    path = _pretrained_dir(tmp_path)
+    data = tmp_path / "demos.jsonl"
+    rows = [{"prompt": f"say {w}", "completion": f"{w} {w} {w}"} for w in ["red", "green", "blue", "yellow", "cyan", "pink", "black", "white", "grey", "brown"]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = sft.SFTConfig(model=workflow.ModelArgs(path=str(path)),
+                        data=workflow.DataArgs(path=str(data), eval_fraction=0.0),
+                        run=workflow.RunArgs(out=str(tmp_path / "run"), log_every=1, save_every=100),
+                        steps=2, batch_size=8, eval_every=0, num_eval_samples=0)
+    model_cfg, _, tokenizer = workflow.load_lm(cfg.model)
+    assert defaults.model_kind(model_cfg) == "pretrained"
+    train_rows = workflow.rows_from(cfg.data, "sft", "train", None)
+    from rlhf_jax.data import encode
+    longest = max(e.length for e in encode(train_rows, tokenizer, max_len=128))
+    resolved = sft.resolve_config(cfg, model_cfg, tokenizer, train_rows)
+    assert resolved.optim.learning_rate == 1e-5 != 2e-3
+    assert resolved.max_len == defaults.round_up(longest) and resolved.max_len != 80
+    result = sft.main(cfg)
+    printed = capsys.readouterr().out
+    assert "[sft] defaults for a pretrained model" in printed and f"max_len={resolved.max_len}" in printed
+    assert "[sft] peak memory" in printed
+    saved = json.loads((tmp_path / "run" / "sft" / "eval.json").read_text())
+    assert saved["memory/peak_rss_gib"] > 0 and result["memory/peak_rss_gib"] == saved["memory/peak_rss_gib"]
