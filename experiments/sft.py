@@ -49,8 +49,8 @@ class SFTConfig:
 
 def main(cfg: SFTConfig) -> dict:
     with memory.PeakRSS() as peak:
-        result, out = _main(cfg)
-    return workflow.record_peak_memory("sft", peak, result, out)
+        result, out, stage = _main(cfg)
+    return workflow.record_peak_memory(stage, peak, result, out)
 
 
 def _main(cfg: SFTConfig):
@@ -96,7 +96,7 @@ def _main(cfg: SFTConfig):
         result["gold/mean"] = float(np.mean(gold))
         print(f"[sft] held-out gold score {np.mean(gold):.3f}; e.g. {prompts[0]!r} ->{texts[0][0]!r}", flush=True)
     workflow.write_json(out / "eval.json", result)
-    return result, out
+    return result, out, "sft"
 
 
 def resolve_config(cfg: SFTConfig, model_cfg, tokenizer, train_rows) -> SFTConfig:
