@@ -152,3 +152,32 @@ def test_sft_on_a_pretrained_model_prints_its_defaults_and_fits_max_len_to_the_d
     assert "[sft] peak memory" in printed
     saved = json.loads((tmp_path / "run" / "sft" / "eval.json").read_text())
     assert saved["memory/peak_rss_gib"] > 0 and result["memory/peak_rss_gib"] == saved["memory/peak_rss_gib"]
+
+
+def test_every_script_resolves_the_embedded_model_to_todays_values():
+    from rlhf_jax import workflow
+    from rlhf_jax.data import PromptRow
+    model_cfg, _, tokenizer = workflow.load_lm(workflow.ModelArgs())
+    prompts = [PromptRow(prompt=f"p{i}") for i in range(64)]
+    rm = _script("reward_model").resolve_config(_script("reward_model").RewardConfig(), model_cfg, tokenizer, [])
+    assert (rm.optim.learning_rate, rm.max_len, rm.sample.max_prompt_len, rm.sample.max_new_tokens) == (3e-4, 80, 32, 48)
+    dpo = _script("dpo").resolve_config(_script("dpo").DPOConfig(), model_cfg, tokenizer, [])
+    assert (dpo.optim.learning_rate, dpo.max_len, dpo.sample.max_prompt_len, dpo.sample.max_new_tokens) == (3e-5, 80, 32, 48)
+    ppo_mod = _script("ppo")
+    ppo = ppo_mod.resolve_config(ppo_mod.PPOConfig(), model_cfg, tokenizer, prompts)
+    assert (ppo.optim.learning_rate, ppo.rollout_prompts, ppo.sample.batch_size, ppo.sample.max_prompt_len,
+            ppo.sample.max_new_tokens) == (3e-5, 64, 64, 32, 48)
+    bon = _script("best_of_n").resolve_config(_script("best_of_n").BestOfNConfig(), model_cfg, tokenizer, prompts)
+    assert (bon.sample.max_prompt_len, bon.sample.max_new_tokens) == (32, 48)
+
+
+def test_ppo_rollout_fits_a_small_prompt_file_and_a_larger_request_is_refused(tmp_path):
+    from rlhf_jax import workflow
+    from rlhf_jax.data import PromptRow
+    ppo_mod = _script("ppo")
+    model_cfg, _, tokenizer = workflow.load_lm(workflow.ModelArgs(path=str(_pretrained_dir(tmp_path))))
+    prompts = [PromptRow(prompt=f"tell me about the number {i}") for i in range(12)]
+    cfg = ppo_mod.resolve_config(ppo_mod.PPOConfig(), model_cfg, tokenizer, prompts)
+    assert cfg.rollout_prompts == 12 and cfg.sample.batch_size == 12 and cfg.optim.learning_rate == 3e-6
+    with pytest.raises(ValueError, match=r"--rollout-prompts 20 .*12 training prompts"):
+        ppo_mod.resolve_config(ppo_mod.PPOConfig(rollout_prompts=20), model_cfg, tokenizer, prompts)
