@@ -19,9 +19,12 @@ import jax
 import numpy as np
 import tyro
 
-from rlhf_jax import best_of_n, evaluation, workflow
-from rlhf_jax.data import simulated
+from rlhf_jax import best_of_n, defaults, evaluation, memory, workflow
+from rlhf_jax.data import encode_prompts, simulated
 from rlhf_jax.logging import MetricsLogger
+
+
+STAGE = "best_of_n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,19 +38,27 @@ class BestOfNConfig:
     of --data.path (--data.eval-fraction: the same prompts ppo.py evaluates on)."""
     run: workflow.RunArgs = workflow.RunArgs()
     sample: workflow.SampleArgs = workflow.SampleArgs()
+    """Sampling; max_prompt_len / max_new_tokens None: auto (see rlhf_jax.defaults; embedded 32, 48)."""
     n: tuple[int, ...] = (4, 16)
     """Sample counts to evaluate."""
     num_eval_prompts: int = 256
 
 
 def main(cfg: BestOfNConfig) -> dict:
+    with memory.PeakRSS() as peak:
+        result, out, stage = _main(cfg)
+    return workflow.record_peak_memory(stage, peak, result, out)
+
+
+def _main(cfg: BestOfNConfig):
     mesh, rules = workflow.setup(cfg.run)
     run_dir = pathlib.Path(cfg.run.out)
     model_cfg, params, tokenizer = workflow.load_lm(
         dataclasses.replace(cfg.model, path=cfg.model.path or str(run_dir / "sft" / "hf")))
     reward = evaluation.load_reward_model(cfg.reward_model or run_dir / "rm" / "hf", cfg.model, tokenizer)
-    prompts = workflow.prompt_texts(workflow.rows_from(cfg.data, "prompt", "eval", simulated.prompt_rows))
-    prompts = prompts[:cfg.num_eval_prompts]
+    eval_rows = workflow.rows_from(cfg.data, "prompt", "eval", simulated.prompt_rows)[:cfg.num_eval_prompts]
+    cfg = resolve_config(cfg, model_cfg, tokenizer, eval_rows)
+    prompts = workflow.prompt_texts(eval_rows)
     if not prompts:
         raise ValueError("best_of_n: no evaluation prompts: pass --data.eval-path, or --data.path with "
                          "--data.eval-fraction > 0 (its held-out split, the prompts PPO is evaluated on)")
@@ -79,7 +90,16 @@ def main(cfg: BestOfNConfig) -> dict:
             logger.text(n, "eval_samples", table)
             print(f"[best_of_n] n={n}: {evaluation.summary(res)}", flush=True)
     workflow.write_json(out / "eval.json", results)
-    return results
+    return results, out, "best_of_n"
+
+
+def resolve_config(cfg: BestOfNConfig, model_cfg, tokenizer, train_rows) -> BestOfNConfig:
+    """``cfg`` with its auto fields filled for this model and data (rlhf_jax.defaults)."""
+    kind = defaults.model_kind(model_cfg)
+    facts = {}
+    if kind == "pretrained" and (defaults.unresolved(cfg, STAGE)):
+        facts = defaults.data_facts(prompts=encode_prompts(train_rows, tokenizer, max_len=model_cfg.max_position_embeddings), model_cfg=model_cfg)
+    return defaults.resolve(cfg, STAGE, kind=kind, facts=facts)
 
 
 # %%

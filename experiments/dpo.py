@@ -17,11 +17,14 @@ import pathlib
 
 import tyro
 
-from rlhf_jax import evaluation, losses, models, steps, workflow
+from rlhf_jax import defaults, evaluation, losses, memory, models, steps, workflow
 from rlhf_jax.configs import OptimizerConfig
-from rlhf_jax.data import BatchIterator, collate_pairs, simulated
+from rlhf_jax.data import BatchIterator, collate_pairs, encode, simulated
 from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.train_state import make_optimizer, place_train_state, shardings_of
+
+
+STAGE = "dpo"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +34,7 @@ class DPOConfig:
     data: workflow.DataArgs = workflow.DataArgs(num_train=6144, num_eval=1024, seed=1)
     """Comparisons (the same simulated comparisons the reward model is trained on, by default)."""
     run: workflow.RunArgs = workflow.RunArgs()
-    optim: OptimizerConfig = OptimizerConfig(learning_rate=3e-5, warmup_steps=20, total_steps=300, b2=0.99)
+    optim: OptimizerConfig = OptimizerConfig(learning_rate=None, warmup_steps=20, total_steps=300, b2=0.99)
     sample: workflow.SampleArgs = workflow.SampleArgs()
     variant: str = "dpo"
     """One of losses.DPO_VARIANTS: dpo, cdpo, robust, ipo, simpo."""
@@ -43,7 +46,9 @@ class DPOConfig:
     """α of RPO: adds α × the chosen responses' per-token NLL to the loss (0 = plain DPO)."""
     steps: int = 300
     batch_size: int = 32
-    max_len: int = 96
+    max_len: int | None = None
+    """Tokens per sequence. None: auto (see rlhf_jax.defaults; embedded 96, pretrained the longest training
+    pair rounded up to 16). optim.learning_rate and sample lengths are auto too (embedded 3e-5, 48, 48)."""
     eval_every: int = 150
     """Steps between held-out DPO losses (eval/dpo/*) on the held-out comparisons."""
     num_eval_prompts: int = 256
@@ -54,9 +59,18 @@ class DPOConfig:
 
 
 def main(cfg: DPOConfig) -> dict:
+    with memory.PeakRSS() as peak:
+        result, out, stage = _main(cfg)
+    return workflow.record_peak_memory(stage, peak, result, out)
+
+
+def _main(cfg: DPOConfig):
     mesh, rules = workflow.setup(cfg.run)
     sft_path = cfg.model.path or str(pathlib.Path(cfg.run.out) / "sft" / "hf")
     model_cfg, params, tokenizer = workflow.load_lm(dataclasses.replace(cfg.model, path=sft_path))
+    train_rows = workflow.rows_from(cfg.data, "pairwise", "train", simulated.pairwise_rows)
+    eval_rows = workflow.rows_from(cfg.data, "pairwise", "eval", simulated.pairwise_rows)
+    cfg = resolve_config(cfg, model_cfg, tokenizer, train_rows)
     axes = models.param_logical_axes(model_cfg)
     reference_free = cfg.variant == "simpo"
     optim_cfg = workflow.optimizer_for(cfg.optim, cfg.steps)
@@ -73,8 +87,6 @@ def main(cfg: DPOConfig) -> dict:
     eval_step = steps.make_eval_step(functools.partial(steps.dpo_objective, model_cfg=model_cfg, loss_fn=loss_fn),
                                      state_sh, mesh, rules)
 
-    train_rows = workflow.rows_from(cfg.data, "pairwise", "train", simulated.pairwise_rows)
-    eval_rows = workflow.rows_from(cfg.data, "pairwise", "eval", simulated.pairwise_rows)
     collate = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id, length=cfg.max_len)
     batches = BatchIterator(workflow.encode_rows(cfg.data, train_rows, tokenizer, max_len=cfg.max_len, what="training rows"), collate, batch_size=cfg.batch_size,
                             seed=cfg.run.seed)
@@ -117,7 +129,16 @@ def main(cfg: DPOConfig) -> dict:
         print(f"[{stage}] no held-out prompts (pass --data.eval-path or a --data.eval-fraction > 0): no evaluation",
               flush=True)
     workflow.write_json(out / "eval.json", result)
-    return result
+    return result, out, stage
+
+
+def resolve_config(cfg: DPOConfig, model_cfg, tokenizer, train_rows) -> DPOConfig:
+    """``cfg`` with its auto fields filled for this model and data (rlhf_jax.defaults)."""
+    kind = defaults.model_kind(model_cfg)
+    facts = {}
+    if kind == "pretrained" and (defaults.unresolved(cfg, STAGE)):
+        facts = defaults.data_facts(encode(train_rows, tokenizer, max_len=model_cfg.max_position_embeddings), model_cfg=model_cfg)
+    return defaults.resolve(cfg, STAGE, kind=kind, facts=facts)
 
 
 # %%

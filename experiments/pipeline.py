@@ -25,7 +25,7 @@ import dpo
 import ppo
 import reward_model
 import sft
-from rlhf_jax import evaluation, workflow
+from rlhf_jax import defaults, evaluation, workflow
 from rlhf_jax.data import load_source, simulated
 from rlhf_jax.logging import read_metrics
 
@@ -53,6 +53,10 @@ class PipelineConfig:
     on which the retrained reward model's accuracy is measured)."""
 
 
+PEAK_MEMORY: dict[str, float] = {}
+"""Peak RSS (GiB) of each stage run in this process (the report's memory column)."""
+
+
 def _with_run(stage_cfg, out: str, resume: bool):
     return dataclasses.replace(stage_cfg, run=dataclasses.replace(stage_cfg.run, out=out, resume=resume))
 
@@ -67,6 +71,8 @@ def _stage(name: str, folder: str, main, stage_cfg, cfg: PipelineConfig, timings
     t0 = time.perf_counter()
     result = main(_with_run(stage_cfg, out, cfg.resume))
     timings[name] = time.perf_counter() - t0
+    if isinstance(result, dict) and "memory/peak_rss_gib" in result:
+        PEAK_MEMORY[name] = result["memory/peak_rss_gib"]
     if not done.exists():  # stages without evaluation (a user's own data) still mark completion
         workflow.write_json(done, result)
     return result
@@ -134,10 +140,12 @@ def annotate_policy_samples(cfg: PipelineConfig, r: int, policy_hf: str, out: pa
     if not (cfg.resume and train_file.exists() and eval_file.exists()):
         model_cfg, params, tokenizer = workflow.load_lm(dataclasses.replace(cfg.ppo.model, path=policy_hf))
         draws = iter(range(1 << 20))
+        # the iterated rounds sample simulated prompts: PPO's auto sampling fields for this model
+        sample_args = defaults.resolve(cfg.ppo, "ppo", kind=defaults.model_kind(model_cfg), printer=None).sample
 
         def policy_sampler(prompts, k):  # k distinct responses per prompt when 2k samples have them
             texts, _ = workflow.sample(model_cfg, params, tokenizer, prompts, num_samples=2 * k,
-                                       key=jax.random.key(1000 * r + next(draws)), sample_args=cfg.ppo.sample)
+                                       key=jax.random.key(1000 * r + next(draws)), sample_args=sample_args)
             out_rows = []
             for samples in texts:
                 distinct = list(dict.fromkeys(t for t in samples if t.strip()))
@@ -166,8 +174,8 @@ def rm_pair_accuracy(rm_hf: str, pairs: list, cfg: PipelineConfig) -> float:
     from rlhf_jax.data import collate_pairs, encode
 
     model_cfg, rm_params, tokenizer = workflow.load_reward_model(rm_hf, cfg.rm.model)
-    batch = collate_pairs(encode(pairs, tokenizer, max_len=cfg.rm.max_len), pad_id=tokenizer.pad_token_id,
-                          length=cfg.rm.max_len)
+    max_len = reward_model.resolve_config(cfg.rm, model_cfg, tokenizer, pairs).max_len
+    batch = collate_pairs(encode(pairs, tokenizer, max_len=max_len), pad_id=tokenizer.pad_token_id, length=max_len)
     score = jax.jit(steps.reward_scores, static_argnums=0)
     chosen = score(model_cfg, rm_params, batch.chosen_ids_BT, batch.chosen_attention_mask_BT)
     rejected = score(model_cfg, rm_params, batch.rejected_ids_BT, batch.rejected_attention_mask_BT)
@@ -207,7 +215,7 @@ def results_table(results: dict) -> list[dict]:
     return rows
 
 
-def write_report(out: pathlib.Path, results: dict, timings: dict) -> pathlib.Path:
+def write_report(out: pathlib.Path, results: dict, timings: dict, peaks: dict | None = None) -> pathlib.Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,7 +237,9 @@ def write_report(out: pathlib.Path, results: dict, timings: dict) -> pathlib.Pat
                       f"samples: **{res['rm']['accuracy']:.1%}**"
                       + (f" (the previous round's reward model: {previous:.1%})" if previous is not None else "")
                       + f"; annotator agreement ceiling {res['rm']['agreement_ceiling']:.1%}"]
-    lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    peaks = PEAK_MEMORY if peaks is None else peaks
+    lines += ["", "| stage | seconds | peak memory (GiB) |", "|---|---|---|"] + [
+        f"| {k} | {v:.0f} | {f'{peaks[k]:.2f}' if k in peaks else '-'} |" for k, v in timings.items()]
 
     if rows:
         fig, ax = plt.subplots(figsize=(5, 4))

@@ -24,12 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
-from rlhf_jax import checkpoint, evaluation, kl, losses, models, rollout, sharding, steps, workflow
+from rlhf_jax import checkpoint, defaults, evaluation, kl, memory, losses, models, rollout, sharding, steps, workflow
 from rlhf_jax.configs import OptimizerConfig
-from rlhf_jax.data import BatchIterator, collate_prompts, simulated
+from rlhf_jax.data import BatchIterator, collate_prompts, encode_prompts, simulated
 from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.metrics import to_floats
 from rlhf_jax.train_state import make_optimizer, place_train_state, shardings_of
+
+
+STAGE = "ppo"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +63,15 @@ class PPOConfig:
     data: workflow.DataArgs = workflow.DataArgs(num_train=4096, num_eval=256, seed=2)
     """Prompts (any row kind with a prompt); simulated prompts by default."""
     run: workflow.RunArgs = workflow.RunArgs(save_every=10, log_every=1)
-    optim: OptimizerConfig = OptimizerConfig(learning_rate=3e-5, warmup_steps=0, total_steps=10_000, b2=0.99)
-    sample: workflow.SampleArgs = workflow.SampleArgs(batch_size=64)
+    optim: OptimizerConfig = OptimizerConfig(learning_rate=None, warmup_steps=0, total_steps=10_000, b2=0.99)
+    sample: workflow.SampleArgs = workflow.SampleArgs(batch_size=None)
     kl: KLArgs = KLArgs()
     iterations: int = 40
     """PPO iterations (rollout + update)."""
-    rollout_prompts: int = 64
-    """Prompts sampled per iteration."""
+    rollout_prompts: int | None = None
+    """Prompts sampled per iteration. None: auto (see rlhf_jax.defaults; embedded 64, pretrained
+    min(64, the training prompts)). optim.learning_rate, sample.batch_size and the sample lengths are auto
+    too (embedded 3e-5, 64, 32, 48)."""
     epochs: int = 4
     """Passes over each rollout batch."""
     num_minibatches: int = 4
@@ -100,10 +105,18 @@ class PPOConfig:
 
 
 def main(cfg: PPOConfig) -> dict:
+    with memory.PeakRSS() as peak:
+        result, out, stage = _main(cfg)
+    return workflow.record_peak_memory(stage, peak, result, out)
+
+
+def _main(cfg: PPOConfig):
     mesh, rules = workflow.setup(cfg.run)
     run_dir = pathlib.Path(cfg.run.out)
     policy_path = cfg.model.path or str(run_dir / "sft" / "hf")
     model_cfg, sft_params, tokenizer = workflow.load_lm(dataclasses.replace(cfg.model, path=policy_path))
+    train_rows = workflow.rows_from(cfg.data, "prompt", "train", simulated.prompt_rows)
+    cfg = resolve_config(cfg, model_cfg, tokenizer, train_rows)
     reward_cfg, rm_params, _ = workflow.load_reward_model(cfg.reward_model or run_dir / "rm" / "hf", cfg.model)
     ref_params = sft_params
     if cfg.reference is not None:
@@ -145,7 +158,6 @@ def main(cfg: PPOConfig) -> dict:
                                  eos_ids=workflow.eos_ids(model_cfg, tokenizer), pad_id=tokenizer.pad_token_id,
                                  num_samples=num_samples)
 
-    train_rows = workflow.rows_from(cfg.data, "prompt", "train", simulated.prompt_rows)
     eval_prompts = workflow.prompt_texts(workflow.rows_from(cfg.data, "prompt", "eval", simulated.prompt_rows))
     eval_prompts = eval_prompts[:cfg.num_eval_prompts]
     if cfg.eval_every and not eval_prompts:
@@ -230,7 +242,22 @@ def main(cfg: PPOConfig) -> dict:
     workflow.export_lm(out / "hf", model_cfg, state.params["policy"], tokenizer)
     result = {"hf": str(out / "hf"), **last_eval}
     workflow.write_json(out / "eval.json", result)  # written last: its presence marks the stage as finished
-    return result
+    return result, out, "ppo"
+
+
+def resolve_config(cfg: PPOConfig, model_cfg, tokenizer, train_rows) -> PPOConfig:
+    """``cfg`` with its auto fields filled for this model and data (rlhf_jax.defaults)."""
+    kind = defaults.model_kind(model_cfg)
+    facts = {}
+    if kind == "pretrained" and (defaults.unresolved(cfg, STAGE)):
+        facts = defaults.data_facts(prompts=encode_prompts(train_rows, tokenizer, max_len=model_cfg.max_position_embeddings), model_cfg=model_cfg, num_prompts=len(train_rows))
+    given = cfg.rollout_prompts
+    cfg = defaults.resolve(cfg, STAGE, kind=kind, facts=facts)
+    if cfg.rollout_prompts > len(train_rows):
+        raise ValueError(f"--rollout-prompts {cfg.rollout_prompts}{'' if given else ' (auto)'} is more than the "
+                         f"{len(train_rows)} training prompts{' of ' + cfg.data.path if cfg.data.path else ''}: "
+                         f"pass --rollout-prompts {len(train_rows)} or fewer")
+    return cfg
 
 
 # %%

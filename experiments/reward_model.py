@@ -19,11 +19,12 @@ import jax
 import numpy as np
 import tyro
 
-from rlhf_jax import advantages, losses, models, steps, workflow
+from rlhf_jax import advantages, defaults, losses, memory, models, steps, workflow
 from rlhf_jax.configs import OptimizerConfig
-from rlhf_jax.data import BatchIterator, collate_pairs, simulated
+from rlhf_jax.data import BatchIterator, collate_pairs, encode, simulated
 from rlhf_jax.train_state import make_optimizer, place_train_state, shardings_of
 
+STAGE = "rm"
 LOSSES = {"bt": losses.pairwise_reward_loss,
           "bt_margin": losses.pairwise_reward_loss,  # uses the rows' margin field (Llama 2)
           "bt_centered": functools.partial(losses.pairwise_reward_loss, center_coef=0.01)}
@@ -35,11 +36,13 @@ class RewardConfig:
     """Backbone to start from (default: <run.out>/sft/hf)."""
     data: workflow.DataArgs = workflow.DataArgs(num_train=6144, num_eval=1024, seed=1)
     run: workflow.RunArgs = workflow.RunArgs()
-    optim: OptimizerConfig = OptimizerConfig(learning_rate=3e-4, warmup_steps=20, total_steps=400, weight_decay=0.01)
+    optim: OptimizerConfig = OptimizerConfig(learning_rate=None, warmup_steps=20, total_steps=400, weight_decay=0.01)
     sample: workflow.SampleArgs = workflow.SampleArgs()
     steps: int = 400
     batch_size: int = 32
-    max_len: int = 96
+    max_len: int | None = None
+    """Tokens per sequence. None: auto (see rlhf_jax.defaults; embedded 96, pretrained the longest training
+    pair rounded up to 16). optim.learning_rate and sample lengths are auto too (embedded 3e-4, 48, 48)."""
     loss: str = "bt"
     """Loss variant: one of bt, bt_margin, bt_centered."""
     eval_every: int = 200
@@ -48,6 +51,12 @@ class RewardConfig:
 
 
 def main(cfg: RewardConfig) -> dict:
+    with memory.PeakRSS() as peak:
+        result, out, stage = _main(cfg)
+    return workflow.record_peak_memory(stage, peak, result, out)
+
+
+def _main(cfg: RewardConfig):
     mesh, rules = workflow.setup(cfg.run)
     sft_path = cfg.model.path or str(pathlib.Path(cfg.run.out) / "sft" / "hf")
     if not pathlib.Path(sft_path).exists():
@@ -59,6 +68,7 @@ def main(cfg: RewardConfig) -> dict:
     axes = {"backbone": models.param_logical_axes(model_cfg), "head": models.scalar_head_logical_axes()}
     train_rows = workflow.rows_from(cfg.data, "pairwise", "train", simulated.pairwise_rows)
     eval_rows = workflow.rows_from(cfg.data, "pairwise", "eval", simulated.pairwise_rows)
+    cfg = resolve_config(cfg, model_cfg, tokenizer, train_rows)
     collate = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id, length=cfg.max_len)
     batches = BatchIterator(workflow.encode_rows(cfg.data, train_rows, tokenizer, max_len=cfg.max_len, what="training rows"), collate,
                             batch_size=cfg.batch_size, seed=cfg.run.seed)
@@ -97,7 +107,16 @@ def main(cfg: RewardConfig) -> dict:
     result["hf"] = str(out / "hf")
     workflow.write_json(out / "eval.json", result)
     print(f"[rm] held-out accuracy {result['accuracy']}, ceiling {result.get('agreement_ceiling')}", flush=True)
-    return result
+    return result, out, "rm"
+
+
+def resolve_config(cfg: RewardConfig, model_cfg, tokenizer, train_rows) -> RewardConfig:
+    """``cfg`` with its auto fields filled for this model and data (rlhf_jax.defaults)."""
+    kind = defaults.model_kind(model_cfg)
+    facts = {}
+    if kind == "pretrained" and (defaults.unresolved(cfg, STAGE)):
+        facts = defaults.data_facts(encode(train_rows, tokenizer, max_len=model_cfg.max_position_embeddings), model_cfg=model_cfg)
+    return defaults.resolve(cfg, STAGE, kind=kind, facts=facts)
 
 
 # %%

@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import tyro
 
-from rlhf_jax import models, steps, workflow
+from rlhf_jax import defaults, memory, models, steps, workflow
 from rlhf_jax.configs import OptimizerConfig
-from rlhf_jax.data import BatchIterator, collate_sft, pack, simulated
+from rlhf_jax.data import BatchIterator, collate_sft, encode, pack, simulated
 from rlhf_jax.train_state import create_train_state, make_optimizer, place_train_state, shardings_of
 
 
@@ -28,15 +28,17 @@ class SFTConfig:
     model: workflow.ModelArgs = workflow.ModelArgs()
     data: workflow.DataArgs = workflow.DataArgs(num_train=8192, num_eval=512)
     run: workflow.RunArgs = workflow.RunArgs()
-    optim: OptimizerConfig = OptimizerConfig(learning_rate=2e-3, warmup_steps=40, total_steps=500, b2=0.98,
+    optim: OptimizerConfig = OptimizerConfig(learning_rate=None, warmup_steps=40, total_steps=500, b2=0.98,
                                              weight_decay=0.01, end_lr_ratio=0.1)
     sample: workflow.SampleArgs = workflow.SampleArgs()
     steps: int = 500
     """Optimizer steps (sets optim.total_steps)."""
     batch_size: int = 32
     """Sequences per step (global, over all hosts)."""
-    max_len: int = 96
-    """Tokens per sequence (prompts truncated from the left to fit)."""
+    max_len: int | None = None
+    """Tokens per sequence (prompts truncated from the left to fit). None: auto (see rlhf_jax.defaults;
+    embedded 96, pretrained the longest training example rounded up to 16). optim.learning_rate and
+    sample.max_prompt_len / max_new_tokens are auto too (embedded 2e-3, 48, 48)."""
     pack: bool = False
     """Pack several demonstrations per row (segment-masked attention)."""
     eval_every: int = 250
@@ -46,10 +48,17 @@ class SFTConfig:
 
 
 def main(cfg: SFTConfig) -> dict:
+    with memory.PeakRSS() as peak:
+        result, out, stage = _main(cfg)
+    return workflow.record_peak_memory(stage, peak, result, out)
+
+
+def _main(cfg: SFTConfig):
     mesh, rules = workflow.setup(cfg.run)
     model_cfg, params, tokenizer = workflow.load_lm(cfg.model, jax.random.key(cfg.run.seed))
     train_rows = workflow.rows_from(cfg.data, "sft", "train", simulated.sft_rows)
     eval_rows = workflow.rows_from(cfg.data, "sft", "eval", simulated.sft_rows)
+    cfg = resolve_config(cfg, model_cfg, tokenizer, train_rows)
     examples = workflow.encode_rows(cfg.data, train_rows, tokenizer, max_len=cfg.max_len, what="training rows")
     if cfg.pack:
         examples = pack(examples, cfg.max_len)
@@ -87,7 +96,17 @@ def main(cfg: SFTConfig) -> dict:
         result["gold/mean"] = float(np.mean(gold))
         print(f"[sft] held-out gold score {np.mean(gold):.3f}; e.g. {prompts[0]!r} ->{texts[0][0]!r}", flush=True)
     workflow.write_json(out / "eval.json", result)
-    return result
+    return result, out, "sft"
+
+
+def resolve_config(cfg: SFTConfig, model_cfg, tokenizer, train_rows) -> SFTConfig:
+    """``cfg`` with its auto fields filled for this model and data (rlhf_jax.defaults)."""
+    kind = defaults.model_kind(model_cfg)
+    facts = {}
+    if kind == "pretrained" and defaults.unresolved(cfg, "sft"):
+        facts = defaults.data_facts(encode(train_rows, tokenizer, max_len=model_cfg.max_position_embeddings),
+                                    model_cfg)
+    return defaults.resolve(cfg, "sft", kind=kind, facts=facts)
 
 
 # %%

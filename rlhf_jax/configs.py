@@ -11,8 +11,9 @@ import dataclasses
 class OptimizerConfig:
     """AdamW with linear warmup then cosine decay, global-norm clipping and gradient accumulation."""
 
-    learning_rate: float = 1e-5
-    """Peak learning rate, reached at the end of warmup."""
+    learning_rate: float | None = 1e-5
+    """Peak learning rate, reached at the end of warmup. None: auto (see rlhf_jax.defaults), filled by the
+    experiment scripts before the optimizer is built."""
     warmup_steps: int = 0
     """Optimizer updates of linear warmup from 0 to ``learning_rate``."""
     total_steps: int = 1000
@@ -33,7 +34,7 @@ class OptimizerConfig:
     """Micro-batches averaged per optimizer update (optax.MultiSteps); each step call is one micro-batch."""
 
     def __post_init__(self):
-        if self.learning_rate < 0:
+        if self.learning_rate is not None and self.learning_rate < 0:
             raise ValueError(f"OptimizerConfig.learning_rate must be >= 0, got {self.learning_rate}")
         if not 0 <= self.warmup_steps < self.total_steps:
             raise ValueError(f"OptimizerConfig needs 0 <= warmup_steps < total_steps, "

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 Kind = Literal["embedded", "pretrained"]
 
@@ -37,7 +37,7 @@ def _length_from(fact: str, *, cap: str = "max_positions") -> Callable[[Mapping[
         value = round_up(longest)
         if "max_positions" in facts:
             value = min(value, int(facts[cap]))
-        return value, f"longest {fact.replace('_', ' ')} in the data: {longest} tokens"
+        return value, f"longest {fact.removeprefix('longest_').replace('_', ' ')} in the data: {longest} tokens"
 
     return rule
 
@@ -53,12 +53,12 @@ def _fit_prompts(default: int, fact: str = "num_prompts") -> Callable[[Mapping[s
 
 
 EMBEDDED: dict[str, dict[str, Rule]] = {
-    "sft": {"optim.learning_rate": 2e-3, "max_len": 80, "sample.max_prompt_len": 32, "sample.max_new_tokens": 48},
-    "rm": {"optim.learning_rate": 3e-4, "max_len": 80, "sample.max_prompt_len": 32, "sample.max_new_tokens": 48},
-    "dpo": {"optim.learning_rate": 3e-5, "max_len": 80, "sample.max_prompt_len": 32, "sample.max_new_tokens": 48},
-    "ppo": {"optim.learning_rate": 3e-5, "sample.max_prompt_len": 32, "sample.max_new_tokens": 48,
+    "sft": {"optim.learning_rate": 2e-3, "max_len": 96, "sample.max_prompt_len": 48, "sample.max_new_tokens": 48},
+    "rm": {"optim.learning_rate": 3e-4, "max_len": 96, "sample.max_prompt_len": 48, "sample.max_new_tokens": 48},
+    "dpo": {"optim.learning_rate": 3e-5, "max_len": 96, "sample.max_prompt_len": 48, "sample.max_new_tokens": 48},
+    "ppo": {"optim.learning_rate": 3e-5, "sample.max_prompt_len": 48, "sample.max_new_tokens": 48,
             "rollout_prompts": 64, "sample.batch_size": 64},
-    "best_of_n": {"sample.max_prompt_len": 32, "sample.max_new_tokens": 48},
+    "best_of_n": {"sample.max_prompt_len": 48, "sample.max_new_tokens": 48},
 }
 """The embedded default's values (tuned on the toy; the README's results table was measured with them)."""
 
@@ -138,3 +138,22 @@ def resolve(cfg: Any, stage: str, *, kind: Kind, facts: Mapping[str, Any] | None
     if chosen and printer is not None and kind == "pretrained":
         printer(f"[{stage}] defaults for a pretrained model (pass a flag to change one): " + "; ".join(chosen))
     return cfg
+
+
+def data_facts(examples: Sequence[Any] = (), model_cfg: Any = None, *, prompts: Sequence[Any] = (),
+               num_prompts: int | None = None) -> dict[str, int]:
+    """The facts the tables' rules read, measured on ``rlhf_jax.data.Encoded`` lists encoded without
+    truncation (``max_len`` = the model's positions): ``longest_example`` (prompt + longest
+    completion over ``examples``), ``longest_prompt`` (over ``examples`` and ``prompts``),
+    ``num_prompts`` and ``max_positions``."""
+    facts: dict[str, int] = {}
+    if examples:
+        facts["longest_example"] = max(e.length for e in examples)
+    every = list(examples) + list(prompts)
+    if every:
+        facts["longest_prompt"] = max(len(e.prompt_ids) for e in every)
+    if num_prompts is not None:
+        facts["num_prompts"] = int(num_prompts)
+    if model_cfg is not None:
+        facts["max_positions"] = int(model_cfg.max_position_embeddings)
+    return facts

@@ -50,6 +50,9 @@ def _is_matrix(params: Params) -> Params:
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     """Linear warmup from 0 to the peak, then cosine decay to ``end_lr_ratio * peak`` at ``total_steps``."""
+    if cfg.learning_rate is None:
+        raise ValueError("OptimizerConfig.learning_rate is None (auto): resolve it with rlhf_jax.defaults.resolve "
+                         "(the experiment scripts do) or pass --optim.learning-rate")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.total_steps, end_value=cfg.end_lr_ratio * cfg.learning_rate)

@@ -427,19 +427,20 @@ def evaluate_batches(eval_step: Callable, state: TrainState, batches: Iterator, 
 class SampleArgs:
     """How responses are sampled (rollouts, evaluation, best-of-n)."""
 
-    max_prompt_len: int = 48
+    max_prompt_len: int | None = None
     """Prompts are left-padded to this many tokens (a longer one is shortened as --data.truncate left
-    does, never cutting its last turn, counted and printed)."""
-    max_new_tokens: int = 48
-    """Response length limit."""
+    does, never cutting its last turn, counted and printed). None: auto (see rlhf_jax.defaults;
+    embedded 48, pretrained the longest prompt of the data)."""
+    max_new_tokens: int | None = None
+    """Response length limit. None: auto (see rlhf_jax.defaults; embedded 48)."""
     temperature: float = 1.0
     """Sampling temperature (0 = greedy)."""
     top_k: int | None = None
     """Keep the k most likely tokens (None = off)."""
     top_p: float | None = None
     """Nucleus sampling threshold (None = off)."""
-    batch_size: int = 64
-    """Prompts per generate call."""
+    batch_size: int | None = 64
+    """Prompts per generate call (ppo.py: None = auto, see rlhf_jax.defaults; embedded 64)."""
 
 
 def prompt_batches(prompts: Sequence[str], tokenizer: Any, sample: SampleArgs) -> list[Any]:
@@ -528,6 +529,16 @@ def gold_eval(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     from rlhf_jax.data.simulated import gold_scores
 
     return gold_scores(list(prompts), list(responses))
+
+
+def record_peak_memory(stage: str, peak: Any, result: dict, out: pathlib.Path | None = None) -> dict:
+    """``result`` with ``memory/peak_rss_gib`` (a :class:`rlhf_jax.memory.PeakRSS` that has exited), printed
+    and, with ``out``, written into ``out/eval.json`` too."""
+    result = {**result, "memory/peak_rss_gib": round(peak.gib, 3)}
+    print(f"[{stage}] peak memory {peak.gib:.2f} GiB" + ("" if peak.exact else " (process peak so far)"), flush=True)
+    if out is not None:
+        write_json(out / "eval.json", result)
+    return result
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:

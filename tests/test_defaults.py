@@ -42,7 +42,7 @@ def test_model_kind_tells_the_toy_from_any_other_checkpoint():
 def test_embedded_values_are_the_tuned_ones_and_print_nothing():
     lines = []
     cfg = defaults.resolve(_PPO(), "ppo", kind="embedded", printer=lines.append)
-    assert cfg == _PPO(optim=_Optim(3e-5), sample=_Sample(32, 48, 64), rollout_prompts=64)
+    assert cfg == _PPO(optim=_Optim(3e-5), sample=_Sample(48, 48, 64), rollout_prompts=64)
     assert lines == []
 
 
@@ -80,3 +80,104 @@ def test_max_len_never_exceeds_the_model_positions():
     cfg = defaults.resolve(_SFT(), "sft", kind="pretrained", printer=None,
                            facts={"longest_example": 2050, "longest_prompt": 40, "max_positions": 2048})
     assert cfg.max_len == 2048
+
+
+# --- the scripts resolve their auto fields (sft.py in-process, tiny budgets) ----------------------
+
+import importlib.util
+import pathlib
+import shutil
+import sys
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"_exp_{name}", _ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sft_on_the_embedded_model_resolves_to_the_tuned_values():
+    sft = _script("sft")
+    from rlhf_jax import workflow
+    model_cfg, _, tokenizer = workflow.load_lm(workflow.ModelArgs())
+    cfg = sft.resolve_config(sft.SFTConfig(), model_cfg, tokenizer, [])
+    assert (cfg.optim.learning_rate, cfg.max_len, cfg.sample.max_prompt_len, cfg.sample.max_new_tokens) == (2e-3, 96, 48, 48)
+
+
+def test_optimizer_refuses_an_unresolved_learning_rate():
+    from rlhf_jax.configs import OptimizerConfig
+    from rlhf_jax.train_state import make_optimizer
+    with pytest.raises(ValueError, match="learning-rate"):
+        make_optimizer(OptimizerConfig(learning_rate=None))
+
+
+def _pretrained_dir(tmp_path):
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from hf_fixtures import make_tiny_checkpoint
+    src = embedded.embedded_dir()  # its tokenizer, on a model that is not the embedded architecture
+    path = make_tiny_checkpoint("llama", tmp_path / "tiny", vocab_size=1024, bos_token_id=0, eos_token_id=1,
+                                pad_token_id=2, max_position_embeddings=128)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).exists():
+            shutil.copy(src / name, path / name)
+    return path
+
+
+def test_sft_on_a_pretrained_model_prints_its_defaults_and_fits_max_len_to_the_data(tmp_path, capsys):
+    sft = _script("sft")
+    from rlhf_jax import workflow
+    path = _pretrained_dir(tmp_path)
+    data = tmp_path / "demos.jsonl"
+    rows = [{"prompt": f"say {w}", "completion": f"{w} {w} {w}"} for w in ["red", "green", "blue", "yellow", "cyan", "pink", "black", "white", "grey", "brown"]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = sft.SFTConfig(model=workflow.ModelArgs(path=str(path)),
+                        data=workflow.DataArgs(path=str(data), eval_fraction=0.0),
+                        run=workflow.RunArgs(out=str(tmp_path / "run"), log_every=1, save_every=100),
+                        steps=2, batch_size=8, eval_every=0, num_eval_samples=0)
+    model_cfg, _, tokenizer = workflow.load_lm(cfg.model)
+    assert defaults.model_kind(model_cfg) == "pretrained"
+    train_rows = workflow.rows_from(cfg.data, "sft", "train", None)
+    from rlhf_jax.data import encode
+    longest = max(e.length for e in encode(train_rows, tokenizer, max_len=128))
+    resolved = sft.resolve_config(cfg, model_cfg, tokenizer, train_rows)
+    assert resolved.optim.learning_rate == 1e-5 != 2e-3
+    assert resolved.max_len == defaults.round_up(longest) and resolved.max_len != 96
+    result = sft.main(cfg)
+    printed = capsys.readouterr().out
+    assert "[sft] defaults for a pretrained model" in printed and f"max_len={resolved.max_len}" in printed
+    assert "[sft] peak memory" in printed
+    saved = json.loads((tmp_path / "run" / "sft" / "eval.json").read_text())
+    assert saved["memory/peak_rss_gib"] > 0 and result["memory/peak_rss_gib"] == saved["memory/peak_rss_gib"]
+
+
+def test_every_script_resolves_the_embedded_model_to_todays_values():
+    from rlhf_jax import workflow
+    from rlhf_jax.data import PromptRow
+    model_cfg, _, tokenizer = workflow.load_lm(workflow.ModelArgs())
+    prompts = [PromptRow(prompt=f"p{i}") for i in range(64)]
+    rm = _script("reward_model").resolve_config(_script("reward_model").RewardConfig(), model_cfg, tokenizer, [])
+    assert (rm.optim.learning_rate, rm.max_len, rm.sample.max_prompt_len, rm.sample.max_new_tokens) == (3e-4, 96, 48, 48)
+    dpo = _script("dpo").resolve_config(_script("dpo").DPOConfig(), model_cfg, tokenizer, [])
+    assert (dpo.optim.learning_rate, dpo.max_len, dpo.sample.max_prompt_len, dpo.sample.max_new_tokens) == (3e-5, 96, 48, 48)
+    ppo_mod = _script("ppo")
+    ppo = ppo_mod.resolve_config(ppo_mod.PPOConfig(), model_cfg, tokenizer, prompts)
+    assert (ppo.optim.learning_rate, ppo.rollout_prompts, ppo.sample.batch_size, ppo.sample.max_prompt_len,
+            ppo.sample.max_new_tokens) == (3e-5, 64, 64, 48, 48)
+    bon = _script("best_of_n").resolve_config(_script("best_of_n").BestOfNConfig(), model_cfg, tokenizer, prompts)
+    assert (bon.sample.max_prompt_len, bon.sample.max_new_tokens) == (48, 48)
+
+
+def test_ppo_rollout_fits_a_small_prompt_file_and_a_larger_request_is_refused(tmp_path):
+    from rlhf_jax import workflow
+    from rlhf_jax.data import PromptRow
+    ppo_mod = _script("ppo")
+    model_cfg, _, tokenizer = workflow.load_lm(workflow.ModelArgs(path=str(_pretrained_dir(tmp_path))))
+    prompts = [PromptRow(prompt=f"tell me about the number {i}") for i in range(12)]
+    cfg = ppo_mod.resolve_config(ppo_mod.PPOConfig(), model_cfg, tokenizer, prompts)
+    assert cfg.rollout_prompts == 12 and cfg.sample.batch_size == 12 and cfg.optim.learning_rate == 3e-6
+    with pytest.raises(ValueError, match=r"--rollout-prompts 20 .*12 training prompts"):
+        ppo_mod.resolve_config(ppo_mod.PPOConfig(rollout_prompts=20), model_cfg, tokenizer, prompts)

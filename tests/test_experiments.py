@@ -95,6 +95,8 @@ def test_stage_outputs(pipeline_run):
         assert (folder / "metrics.jsonl").stat().st_size > 0
         assert (folder / "checkpoints").is_dir()
         assert (folder / "hf" / "config.json").exists()
+        assert json.loads((folder / "eval.json").read_text())["memory/peak_rss_gib"] > 0, stage
+    assert "peak memory (GiB)" in (pipeline_run / "report.md").read_text()
     ppo_metrics = [json.loads(line) for line in (pipeline_run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     logged = [m for m in ppo_metrics if "rollout/score" in m]
     assert [m["step"] for m in logged] == list(range(1, 13))
