@@ -70,7 +70,7 @@ def _main(cfg: DPOConfig):
     model_cfg, params, tokenizer = workflow.load_lm(dataclasses.replace(cfg.model, path=sft_path))
     train_rows = workflow.rows_from(cfg.data, "pairwise", "train", simulated.pairwise_rows)
     eval_rows = workflow.rows_from(cfg.data, "pairwise", "eval", simulated.pairwise_rows)
-    cfg = resolve_config(cfg, model_cfg, tokenizer, train_rows)
+    cfg = resolve_config(cfg, model_cfg, tokenizer, train_rows + eval_rows)  # held-out rows must fit too
     axes = models.param_logical_axes(model_cfg)
     reference_free = cfg.variant == "simpo"
     optim_cfg = workflow.optimizer_for(cfg.optim, cfg.steps)

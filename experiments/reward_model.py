@@ -68,7 +68,7 @@ def _main(cfg: RewardConfig):
     axes = {"backbone": models.param_logical_axes(model_cfg), "head": models.scalar_head_logical_axes()}
     train_rows = workflow.rows_from(cfg.data, "pairwise", "train", simulated.pairwise_rows)
     eval_rows = workflow.rows_from(cfg.data, "pairwise", "eval", simulated.pairwise_rows)
-    cfg = resolve_config(cfg, model_cfg, tokenizer, train_rows)
+    cfg = resolve_config(cfg, model_cfg, tokenizer, train_rows + eval_rows)  # held-out rows must fit too
     collate = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id, length=cfg.max_len)
     batches = BatchIterator(workflow.encode_rows(cfg.data, train_rows, tokenizer, max_len=cfg.max_len, what="training rows"), collate,
                             batch_size=cfg.batch_size, seed=cfg.run.seed)

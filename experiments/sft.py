@@ -58,7 +58,7 @@ def _main(cfg: SFTConfig):
     model_cfg, params, tokenizer = workflow.load_lm(cfg.model, jax.random.key(cfg.run.seed))
     train_rows = workflow.rows_from(cfg.data, "sft", "train", simulated.sft_rows)
     eval_rows = workflow.rows_from(cfg.data, "sft", "eval", simulated.sft_rows)
-    cfg = resolve_config(cfg, model_cfg, tokenizer, train_rows)
+    cfg = resolve_config(cfg, model_cfg, tokenizer, train_rows + eval_rows)  # held-out rows must fit too
     examples = workflow.encode_rows(cfg.data, train_rows, tokenizer, max_len=cfg.max_len, what="training rows")
     if cfg.pack:
         examples = pack(examples, cfg.max_len)

@@ -10,7 +10,9 @@ held-out prompts into the figures every method reports:
   rate for the policy's response over the reference's (when a reward model is given);
 - ``gold`` / ``ref_gold`` / ``win_rate``: the same judged by the simulated annotator's gold scorer
   (embedded default only);
-- ``samples``: the first few prompts with both responses and their scores.
+- ``samples``: the first few prompts with both responses and their scores;
+- ``per_prompt`` (with the gold scorer): every prompt and both gold scores, for comparing a third model
+  sampled on the same prompts (the pipeline's win rates against the starting model).
 
 :func:`evaluate_policy` samples both models with fixed keys (``seed`` for the policy, ``seed + 1``
 for the reference), so every method evaluated with the same seed, prompts and sampling settings is
@@ -220,6 +222,8 @@ def compare(prompts: Sequence[Any], policy: Samples, reference: Samples, *, kl: 
         g, rg = gold_scores(list(prompts), policy.texts), gold_scores(list(prompts), reference.texts)
         out.update(gold=float(g.mean()), ref_gold=float(rg.mean()), win_rate=win_rate(g, rg))
         per_sample.update(gold=g, ref_gold=rg)
+        # every prompt's gold scores, so a third model sampled on the same prompts can be compared later
+        out["per_prompt"] = {"prompts": [jsonable_prompt(p) for p in prompts], "gold": g.tolist(), "ref_gold": rg.tolist()}
     out["kl"] = float(np.mean(kl))
     if policy.rm_scores is not None and reference.rm_scores is not None:
         out.update(rm_score=float(policy.rm_scores.mean()), ref_rm_score=float(reference.rm_scores.mean()),
@@ -255,7 +259,7 @@ def evaluate_policy(cfg: models.ModelConfig, params: Any, ref_params: Any, token
 def scalars(result: Mapping[str, Any], prefix: str = "eval/") -> dict[str, float]:
     """The numeric figures of a :func:`compare` result, keys prefixed (for the metrics logger)."""
     return {f"{prefix}{k}": float(v) for k, v in result.items()
-            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
+            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}  # (per_prompt is a dict: skipped)
 
 
 PRINT_KEYS = ("eval/rm_score", "eval/rm_win_rate", "eval/gold", "eval/win_rate", "eval/kl", "eval/response_tokens",

@@ -37,7 +37,8 @@ def setup():
     ``_outputs`` compiles once for both.
     """
     tok = make_tokenizer()
-    examples = encode([SFTRow(p, c) for p, c in zip(PROMPTS, COMPLETIONS)], tok, max_len=LENGTH)
+    examples = encode([SFTRow(p, c) for p, c in zip(PROMPTS, COMPLETIONS)], tok, max_len=LENGTH,
+                      chat_template="off")  # raw text: short enough that three or more share a row
     packs = pack(examples, LENGTH)
     assert len(packs) < len(examples) and any(len(p) >= 3 for p in packs)  # really packed
     packed = collate_sft(packs + [None] * (len(examples) - len(packs)), pad_id=tok.pad_token_id, length=LENGTH)
