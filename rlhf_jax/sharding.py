@@ -44,6 +44,7 @@ DEFAULT_RULES: Rules = {
     "layers": None,
     "norm": None,
     "pos": None,
+    "lora_rank": None,  # LoRA adapters' rank dimension (rlhf_jax.lora): small, replicated
 }
 """FSDP over ``embed`` plus tensor parallelism over heads, MLP units and vocabulary."""
 

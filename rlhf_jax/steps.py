@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from rlhf_jax import advantages, kl, losses, models, ops
+from rlhf_jax import advantages, kl, lora, losses, models, ops
 from rlhf_jax.metrics import Metric, Metrics, sum_over_leading_axis
 from rlhf_jax.rollout import Rollout
 from rlhf_jax.sharding import Rules, batch_sharding, replicated, with_logical_constraint
@@ -249,62 +249,75 @@ def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax
 # --- Step builders ------------------------------------------------------------------------------
 
 
+def with_view(objective: Objective, view: "lora.View | None", step: jax.Array | None = None) -> Objective:
+    """``objective`` on a state whose layout ``view`` maps to the objective's (a LoRA state:
+    :func:`rlhf_jax.lora.view`); ``step`` seeds training-time randomness (LoRA dropout). None: as is."""
+    if view is None:
+        return objective
+    return lambda params, frozen, batch: objective(*view(params, frozen, step), batch)
+
+
 def _apply_objective(objective: Objective, optimizer: optax.GradientTransformation, state: TrainState,
-                     batch: Any) -> tuple[TrainState, Metrics]:
+                     batch: Any, view: "lora.View | None" = None) -> tuple[TrainState, Metrics]:
+    objective = with_view(objective, view, state.step)
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params, state.frozen, batch)
     metrics = {**metrics, "optim/loss": Metric.scalar(loss), "optim/grad_norm": Metric.scalar(optax.global_norm(grads))}
     return state.apply_gradients(grads, optimizer), metrics
 
 
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, state_shardings: TrainState,
-                    mesh: Mesh, rules: Rules) -> Step:
+                    mesh: Mesh, rules: Rules, *, view: "lora.View | None" = None) -> Step:
     """``step(state, batch) -> (state, metrics)``: one gradient step, jitted once, ``state`` donated.
 
     ``state_shardings`` is the state's NamedSharding tree (``train_state.shardings_of(state)``);
-    batches are split along their leading axis (:func:`rlhf_jax.sharding.batch_sharding`).
+    batches are split along their leading axis (:func:`rlhf_jax.sharding.batch_sharding`). ``view``
+    (LoRA: :func:`rlhf_jax.lora.view`) maps the state's params and frozen trees to the objective's;
+    gradients are taken with respect to the state's params (the adapters).
     """
-    return jax.jit(functools.partial(_apply_objective, objective, optimizer),
+    return jax.jit(functools.partial(_apply_objective, objective, optimizer, view=view),
                    in_shardings=(state_shardings, batch_sharding(mesh, rules)),
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(objective: Objective, state_shardings: TrainState, mesh: Mesh, rules: Rules) -> Step:
-    """``metrics = eval_step(state, batch)``: the objective's metrics, no update."""
+def make_eval_step(objective: Objective, state_shardings: TrainState, mesh: Mesh, rules: Rules, *,
+                   view: "lora.View | None" = None) -> Step:
+    """``metrics = eval_step(state, batch)``: the objective's metrics, no update (no dropout)."""
     def evaluate(state: TrainState, batch: Any) -> Metrics:
-        loss, metrics = objective(state.params, state.frozen, batch)
+        loss, metrics = with_view(objective, view)(state.params, state.frozen, batch)
         return {**metrics, "optim/loss": Metric.scalar(loss)}
     return jax.jit(evaluate, in_shardings=(state_shardings, batch_sharding(mesh, rules)),
                    out_shardings=replicated(mesh))
 
 
 def make_sft_step(model_cfg: models.ModelConfig, optimizer: optax.GradientTransformation, state_shardings: TrainState,
-                  mesh: Mesh, rules: Rules, *, loss_fn: Callable = losses.sft_loss) -> Step:
+                  mesh: Mesh, rules: Rules, *, loss_fn: Callable = losses.sft_loss, view=None) -> Step:
     """SFT train step on :class:`~rlhf_jax.types.SFTBatch` (see :func:`sft_objective`)."""
     return make_train_step(functools.partial(sft_objective, model_cfg=model_cfg, loss_fn=loss_fn),
-                           optimizer, state_shardings, mesh, rules)
+                           optimizer, state_shardings, mesh, rules, view=view)
 
 
 def make_reward_step(model_cfg: models.ModelConfig, optimizer: optax.GradientTransformation,
                      state_shardings: TrainState, mesh: Mesh, rules: Rules, *,
-                     loss_fn: Callable = losses.pairwise_reward_loss) -> Step:
+                     loss_fn: Callable = losses.pairwise_reward_loss, view=None) -> Step:
     """Reward-model train step on :class:`~rlhf_jax.types.PairBatch` (see :func:`reward_objective`)."""
     return make_train_step(functools.partial(reward_objective, model_cfg=model_cfg, loss_fn=loss_fn),
-                           optimizer, state_shardings, mesh, rules)
+                           optimizer, state_shardings, mesh, rules, view=view)
 
 
 def make_dpo_step(model_cfg: models.ModelConfig, optimizer: optax.GradientTransformation, state_shardings: TrainState,
-                  mesh: Mesh, rules: Rules, *, loss_fn: Callable = losses.dpo_loss) -> Step:
+                  mesh: Mesh, rules: Rules, *, loss_fn: Callable = losses.dpo_loss, view=None) -> Step:
     """DPO-family train step on :class:`~rlhf_jax.types.PairBatch` (see :func:`dpo_objective`)."""
     return make_train_step(functools.partial(dpo_objective, model_cfg=model_cfg, loss_fn=loss_fn),
-                           optimizer, state_shardings, mesh, rules)
+                           optimizer, state_shardings, mesh, rules, view=view)
 
 
 def make_ppo_score_step(model_cfg: models.ModelConfig, reward_cfg: models.ModelConfig, state_shardings: TrainState,
-                        mesh: Mesh, rules: Rules, **score_options) -> Step:
+                        mesh: Mesh, rules: Rules, *, view=None, **score_options) -> Step:
     """``(ppo_batch, metrics) = score(state, rollout, kl_coef)``, jitted; ``score_options`` go to
     :func:`score_rollout` (``advantage_estimator``, ``num_samples``, ``gamma``, ``lam``, ...)."""
     def score(state: TrainState, rollout: Rollout, kl_coef: jax.Array) -> tuple[PPOBatch, Metrics]:
-        return score_rollout(state.params, state.frozen, rollout, kl_coef, model_cfg=model_cfg,
+        params, frozen = (state.params, state.frozen) if view is None else view(state.params, state.frozen)
+        return score_rollout(params, frozen, rollout, kl_coef, model_cfg=model_cfg,
                              reward_cfg=reward_cfg, **score_options)
     rows = batch_sharding(mesh, rules)
     return jax.jit(score, in_shardings=(state_shardings, rows, replicated(mesh)),
@@ -312,7 +325,8 @@ def make_ppo_score_step(model_cfg: models.ModelConfig, reward_cfg: models.ModelC
 
 
 def make_ppo_step(model_cfg: models.ModelConfig, optimizer: optax.GradientTransformation, state_shardings: TrainState,
-                  mesh: Mesh, rules: Rules, *, epochs: int, num_minibatches: int, **objective_options) -> Step:
+                  mesh: Mesh, rules: Rules, *, epochs: int, num_minibatches: int, view=None,
+                  **objective_options) -> Step:
     """``step(state, ppo_batch, key) -> (state, metrics)``: ``epochs`` passes over the batch, each
     in ``num_minibatches`` shuffled minibatches, all inside ``lax.scan`` (one optimizer call per
     minibatch). Metrics are summed over every minibatch of every epoch. ``objective_options`` go
@@ -328,7 +342,7 @@ def make_ppo_step(model_cfg: models.ModelConfig, optimizer: optax.GradientTransf
         def minibatch(state: TrainState, idx_M: jax.Array) -> tuple[TrainState, Metrics]:
             mb = jax.tree.map(lambda x: with_logical_constraint(x[idx_M], ("batch",) + (None,) * (x.ndim - 1),
                                                                 mesh, rules), batch)
-            return _apply_objective(objective, optimizer, state, mb)
+            return _apply_objective(objective, optimizer, state, mb, view)
 
         def epoch(state: TrainState, key: jax.Array) -> tuple[TrainState, Metrics]:
             idx_NM = jax.random.permutation(key, rows).reshape(num_minibatches, rows // num_minibatches)

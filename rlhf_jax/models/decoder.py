@@ -130,9 +130,25 @@ def _dense(cfg: ModelConfig, p: Params, x: jax.Array, n_in: int = 1) -> jax.Arra
     """
     kernel = p["kernel"].astype(cfg.compute_dtype)
     lead = x.shape[: x.ndim - n_in]
-    y = x.reshape(math.prod(lead), -1) @ kernel.reshape(math.prod(kernel.shape[:n_in]), -1)
+    x_NI = x.reshape(math.prod(lead), -1)
+    y = x_NI @ kernel.reshape(x_NI.shape[1], -1)
+    if "lora_a" in p:  # LoRA (rlhf_jax.lora.attach): + dropout(x)·A·(α/r)B, never merged into the kernel
+        y = y + _lora(cfg, p, x_NI)
     y = y.reshape(*lead, *kernel.shape[n_in:])
     return y + p["bias"].astype(cfg.compute_dtype) if "bias" in p else y
+
+
+def _lora(cfg: ModelConfig, p: Params, x_NI: jax.Array) -> jax.Array:
+    """The low-rank update  dropout(x)·A·B  of one projection (B already scaled by α/r): (N, out).
+    Dropout (inverted, keep probability ``lora_keep``) only when ``attach`` was given a key."""
+    if "lora_key" in p:
+        keep = p["lora_keep"]
+        kept_NI = jax.random.bernoulli(jax.random.wrap_key_data(p["lora_key"]), keep, x_NI.shape)
+        x_NI = jnp.where(kept_NI, x_NI / keep.astype(x_NI.dtype), jnp.zeros((), x_NI.dtype))
+    r = p["lora_a"].shape[-1]
+    a_IR = p["lora_a"].astype(cfg.compute_dtype).reshape(x_NI.shape[1], r)
+    b_RO = p["lora_b"].astype(cfg.compute_dtype).reshape(r, -1)
+    return (x_NI @ a_IR) @ b_RO
 
 
 def _attention(cfg: ModelConfig, p: Params, x_BTD, rope, allowed_BTS, kv, where):
