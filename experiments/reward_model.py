@@ -19,10 +19,10 @@ import jax
 import numpy as np
 import tyro
 
-from rlhf_jax import advantages, defaults, losses, memory, models, steps, workflow
+from rlhf_jax import advantages, defaults, lora, losses, memory, models, steps, workflow
 from rlhf_jax.configs import OptimizerConfig
 from rlhf_jax.data import BatchIterator, collate_pairs, encode, simulated
-from rlhf_jax.train_state import make_optimizer, place_train_state, shardings_of
+from rlhf_jax.train_state import make_optimizer, shardings_of
 
 STAGE = "rm"
 LOSSES = {"bt": losses.pairwise_reward_loss,
@@ -38,6 +38,9 @@ class RewardConfig:
     run: workflow.RunArgs = workflow.RunArgs()
     optim: OptimizerConfig = OptimizerConfig(learning_rate=None, warmup_steps=20, total_steps=400, weight_decay=0.01)
     sample: workflow.SampleArgs = workflow.SampleArgs()
+    lora: lora.LoraConfig = lora.LoraConfig()
+    """LoRA adapters on the backbone (--lora.rank 8); the head trains beside them. Exports hf/ (merged
+    backbone + reward_head.safetensors) and peft/."""
     steps: int = 400
     batch_size: int = 32
     max_len: int | None = None
@@ -75,11 +78,14 @@ def _main(cfg: RewardConfig):
 
     optim_cfg = workflow.optimizer_for(cfg.optim, cfg.steps)
     optimizer = make_optimizer(optim_cfg)
-    state = place_train_state(params, optimizer, mesh, rules, axes)
+    trainable = workflow.Trainable.create(cfg.lora, model_cfg, lm_path=("backbone",))
+    state = trainable.place(model_cfg, params, axes, optimizer, mesh, rules)
     del params, backbone
     state_sh = shardings_of(state)
-    train_step = steps.make_reward_step(model_cfg, optimizer, state_sh, mesh, rules, loss_fn=LOSSES[cfg.loss])
-    eval_step = steps.make_eval_step(functools.partial(steps.reward_objective, model_cfg=model_cfg), state_sh, mesh, rules)
+    train_step = steps.make_reward_step(model_cfg, optimizer, state_sh, mesh, rules, loss_fn=LOSSES[cfg.loss],
+                                        view=trainable.view)
+    eval_step = steps.make_eval_step(functools.partial(steps.reward_objective, model_cfg=model_cfg), state_sh, mesh, rules,
+                                     view=trainable.view)
 
     evaluate = workflow.held_out_eval(eval_step, eval_rows, tokenizer, collate, max_len=cfg.max_len, data=cfg.data,
                                       batch_size=cfg.batch_size, mesh=mesh, rules=rules)
@@ -88,26 +94,38 @@ def _main(cfg: RewardConfig):
                                            num_steps=cfg.steps, mesh=mesh, rules=rules, config=cfg, eval_fn=evaluate,
                                            eval_every=cfg.eval_every, print_keys=("rm/loss", "rm/accuracy"),
                                            optim=optim_cfg)
-    rm_params = state.params
+    rm_params = trainable.stage_params(state)
     result = {"accuracy": last_eval.get("eval/rm/accuracy"), "eval": last_eval}
     if cfg.data.path is None and eval_rows:
         annotator = simulated.Annotator(cfg.data.seed)
         result["agreement_ceiling"] = annotator.agreement_ceiling(
             [r.prompt for r in eval_rows], [(r.chosen, r.rejected) for r in eval_rows])
-    if cfg.normalize_samples:  # lm-human-preferences: SFT samples score mean 0, std 1
+    if cfg.normalize_samples:  # lm-human-preferences: samples of the SFT policy score mean 0, std 1
         prompts = [r.prompt for r in train_rows][:cfg.normalize_samples]
-        _, rollouts = workflow.sample(model_cfg, rm_params["backbone"], tokenizer, prompts,
+        _, rollouts = workflow.sample(model_cfg, sft_policy(trainable, state, cfg.model, sft_path), tokenizer, prompts,
                                       key=jax.random.key(cfg.run.seed + 7), sample_args=cfg.sample)
         scores = workflow.rm_scores(model_cfg, rm_params, rollouts)[:len(prompts)]
         gain, bias = (float(x) for x in advantages.reward_gain_bias(scores, target_mean=0.0, target_std=1.0))
         rm_params = {**rm_params, "head": workflow.fold_normalization(rm_params["head"], gain, bias)}
         result.update(raw_score_mean=float(scores.mean()), raw_score_std=float(scores.std()), gain=gain, bias=bias)
     out = workflow.stage_dir(cfg.run, "rm")
-    workflow.save_reward_model(out / "hf", model_cfg, rm_params, tokenizer)
+    workflow.save_reward_model(out / "hf", model_cfg, {**rm_params, "backbone": trainable.merged_lm(state)}
+                               if trainable.lora_cfg.enabled else rm_params, tokenizer)
     result["hf"] = str(out / "hf")
+    if trainable.lora_cfg.enabled and model_cfg.model_type in ("llama", "qwen2"):
+        lora.save_peft(out / "peft", model_cfg, trainable.lora_cfg, state.params["backbone"], base_model=sft_path)
+        result["peft"] = str(out / "peft")
     workflow.write_json(out / "eval.json", result)
     print(f"[rm] held-out accuracy {result['accuracy']}, ceiling {result.get('agreement_ceiling')}", flush=True)
     return result, out, "rm"
+
+
+def sft_policy(trainable: workflow.Trainable, state, model_args: workflow.ModelArgs, sft_path: str):
+    """The SFT policy the reward model is normalised on: the backbone as loaded, before reward training
+    (with LoRA the frozen base; otherwise reloaded from ``sft_path``, so no copy is held while training)."""
+    if trainable.lora_cfg.enabled:
+        return state.frozen[lora.BASE]
+    return workflow.load_lm(dataclasses.replace(model_args, path=sft_path))[1]
 
 
 def resolve_config(cfg: RewardConfig, model_cfg, tokenizer, train_rows) -> RewardConfig:

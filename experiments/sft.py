@@ -17,10 +17,10 @@ import jax
 import numpy as np
 import tyro
 
-from rlhf_jax import defaults, memory, models, steps, workflow
+from rlhf_jax import defaults, lora, memory, models, steps, workflow
 from rlhf_jax.configs import OptimizerConfig
 from rlhf_jax.data import BatchIterator, collate_sft, encode, pack, simulated
-from rlhf_jax.train_state import create_train_state, make_optimizer, place_train_state, shardings_of
+from rlhf_jax.train_state import create_train_state, make_optimizer, shardings_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,8 @@ class SFTConfig:
     optim: OptimizerConfig = OptimizerConfig(learning_rate=None, warmup_steps=40, total_steps=500, b2=0.98,
                                              weight_decay=0.01, end_lr_ratio=0.1)
     sample: workflow.SampleArgs = workflow.SampleArgs()
+    lora: lora.LoraConfig = lora.LoraConfig()
+    """LoRA adapters instead of full fine-tuning (--lora.rank 8); exports hf/ (merged) and peft/."""
     steps: int = 500
     """Optimizer steps (sets optim.total_steps)."""
     batch_size: int = 32
@@ -68,15 +70,17 @@ def _main(cfg: SFTConfig):
     optim_cfg = workflow.optimizer_for(cfg.optim, cfg.steps)
     optimizer = make_optimizer(optim_cfg)
     axes = models.param_logical_axes(model_cfg)
-    if cfg.model.path is None:  # from scratch: initialise directly into the shards
+    trainable = workflow.Trainable.create(cfg.lora, model_cfg)
+    if cfg.model.path is None and not trainable.lora_cfg.enabled:  # from scratch: initialise into the shards
         state = create_train_state(lambda: models.init_params(model_cfg, jax.random.key(cfg.run.seed)),
                                    optimizer, mesh, rules, axes)
     else:
-        state = place_train_state(params, optimizer, mesh, rules, axes)
+        state = trainable.place(model_cfg, params, axes, optimizer, mesh, rules)
     del params
     state_sh = shardings_of(state)
-    train_step = steps.make_sft_step(model_cfg, optimizer, state_sh, mesh, rules)
-    eval_step = steps.make_eval_step(functools.partial(steps.sft_objective, model_cfg=model_cfg), state_sh, mesh, rules)
+    train_step = steps.make_sft_step(model_cfg, optimizer, state_sh, mesh, rules, view=trainable.view)
+    eval_step = steps.make_eval_step(functools.partial(steps.sft_objective, model_cfg=model_cfg), state_sh, mesh, rules,
+                                     view=trainable.view)
 
     evaluate = workflow.held_out_eval(eval_step, eval_rows, tokenizer, collate, max_len=cfg.max_len, data=cfg.data,
                                       batch_size=cfg.batch_size, mesh=mesh, rules=rules)
@@ -86,11 +90,10 @@ def _main(cfg: SFTConfig):
                                            eval_every=cfg.eval_every, print_keys=("sft/loss", "sft/accuracy"),
                                            optim=optim_cfg)
     out = workflow.stage_dir(cfg.run, "sft")
-    workflow.export_lm(out / "hf", model_cfg, state.params, tokenizer)
-    result = {"hf": str(out / "hf"), **last_eval}
+    result = {**trainable.export(out, model_cfg, state, tokenizer, base_model=cfg.model.path), **last_eval}
     if cfg.data.path is None and cfg.num_eval_samples:  # gold score of the SFT policy on held-out prompts
         prompts = workflow.prompt_texts(eval_rows)[:cfg.num_eval_samples]
-        texts, _ = workflow.sample(model_cfg, state.params, tokenizer, prompts, key=jax.random.key(cfg.run.seed + 1),
+        texts, _ = workflow.sample(model_cfg, trainable.lm(state), tokenizer, prompts, key=jax.random.key(cfg.run.seed + 1),
                                    sample_args=cfg.sample)
         gold = workflow.gold_eval(prompts, [t[0] for t in texts])
         result["gold/mean"] = float(np.mean(gold))

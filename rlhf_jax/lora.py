@@ -79,6 +79,9 @@ class LoraConfig:
     """Projections to adapt: q k v o gate up down, or the groups attention / mlp / all."""
     seed: int = 0
     """Seed of A's initialisation and of the dropout masks."""
+    load: str | None = None
+    """A PEFT LoRA directory (ours or peft's save_pretrained) to continue training; its rank, alpha and
+    targets are used (the scripts: rlhf_jax.workflow.Trainable.create)."""
 
     def __post_init__(self):
         if self.rank < 0:
@@ -93,7 +96,7 @@ class LoraConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.rank > 0
+        return self.rank > 0 or bool(self.load)
 
     @property
     def scale(self) -> float:

@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from rlhf_jax import checkpoint, models, rollout, sharding, steps
+from rlhf_jax import checkpoint, lora, models, rollout, sharding, steps
 from rlhf_jax.configs import CheckpointConfig, MeshConfig, OptimizerConfig
 from rlhf_jax.data import (BatchIterator, PromptRow, ValidationReport, collate_prompts, encode_prompts, load_source,
                            parse_row)
 from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.metrics import Metrics, merge, to_floats
-from rlhf_jax.train_state import TrainState
+from rlhf_jax.train_state import TrainState, place_train_state
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -189,6 +189,106 @@ def export_lm(path: pathlib.Path, cfg: models.ModelConfig, params: Any, tokenize
     if jax.process_index() == 0:
         tokenizer.save_pretrained(str(path))
     return path
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """How a stage trains its language model: every parameter, or LoRA adapters on a frozen base
+    (``--lora.rank R``). The scripts place their state, build their steps, sample and export through
+    this, so the two cases share one code path.
+
+    ``lm_path``: where the LM sits in the stage's params (``()`` SFT/DPO, ``("backbone",)`` reward
+    model, ``("policy",)`` PPO). ``reference_path``: where the objective reads its reference in
+    ``frozen`` (``()`` DPO, ``("reference",)`` PPO, None without one); with LoRA it is the base itself.
+    """
+
+    lora_cfg: lora.LoraConfig
+    lm_path: tuple[str, ...] = ()
+    reference_path: tuple[str, ...] | None = None
+    initial_adapters: Any = dataclasses.field(default=None, compare=False, repr=False)
+    """Adapters to start from (``--lora.load``); None: fresh ones."""
+
+    @classmethod
+    def create(cls, lora_cfg: lora.LoraConfig, model_cfg: models.ModelConfig, *, lm_path: tuple[str, ...] = (),
+               reference_path: tuple[str, ...] | None = None) -> "Trainable":
+        """With ``lora_cfg.load``, the PEFT adapter's rank, alpha and targets replace the flags' (dropout
+        and seed are kept) and training continues from its weights."""
+        adapters = None
+        if lora_cfg.load:
+            loaded, adapters = lora.load_peft(lora_cfg.load, model_cfg)
+            lora_cfg = dataclasses.replace(loaded, dropout=lora_cfg.dropout, seed=lora_cfg.seed, load=lora_cfg.load)
+            print(f"[lora] continuing from {lora_cfg.load}: rank {lora_cfg.rank}, alpha {lora_cfg.alpha}, targets "
+                  f"{' '.join(lora.target_names(model_cfg, lora_cfg))}", flush=True)
+        return cls(lora_cfg, lm_path, reference_path, adapters)
+
+    @property
+    def view(self) -> lora.View | None:
+        """The train steps' ``view=`` (None: the state is laid out as the objective reads it)."""
+        if not self.lora_cfg.enabled:
+            return None
+        return lora.view(self.lora_cfg, lm_path=self.lm_path, reference_path=self.reference_path)
+
+    def place(self, model_cfg: models.ModelConfig, params: Any, axes: Any, optimizer, mesh, rules, *,
+              frozen: Any = None, frozen_axes: Any = None) -> TrainState:
+        """The sharded state: ``params`` (the stage's full layout, LM at ``lm_path``) and ``frozen``
+        as given; with LoRA the LM at ``lm_path`` becomes fresh (or loaded) adapters, the LM itself goes
+        to ``frozen[lora.BASE]`` (held once), and the reference at ``reference_path`` is dropped (the
+        base is the reference)."""
+        if not self.lora_cfg.enabled:
+            return place_train_state(params, optimizer, mesh, rules, axes, frozen=frozen, frozen_axes=frozen_axes)
+        lora_cfg = self.lora_cfg
+        adapters = self.initial_adapters if self.initial_adapters is not None else lora.init_adapters(model_cfg, lora_cfg)
+        base = lora._get(params, self.lm_path)
+        trainable = lora._set(params, self.lm_path, adapters)
+        trainable_axes = lora._set(axes, self.lm_path, lora.adapter_logical_axes(model_cfg, lora_cfg))
+        frozen, frozen_axes = (frozen or {}), (frozen_axes or {})
+        if self.reference_path is not None:  # the reference is the base: no copy of it is kept
+            frozen = {} if not self.reference_path else {k: v for k, v in frozen.items() if k != self.reference_path[0]}
+            frozen_axes = {} if not self.reference_path else {k: v for k, v in frozen_axes.items()
+                                                              if k != self.reference_path[0]}
+        frozen = {**frozen, lora.BASE: base}
+        frozen_axes = {**frozen_axes, lora.BASE: lora._get(axes, self.lm_path)}
+        return place_train_state(trainable, optimizer, mesh, rules, trainable_axes, frozen=frozen,
+                                 frozen_axes=frozen_axes)
+
+    def lm(self, state: TrainState) -> Any:
+        """The trained LM's parameters (with LoRA: the base with the adapters attached, no merged copy)."""
+        if not self.lora_cfg.enabled:
+            return lora._get(state.params, self.lm_path)
+        return lora.attach(state.frozen[lora.BASE], lora._get(state.params, self.lm_path), self.lora_cfg)
+
+    def reference(self, state: TrainState) -> Any:
+        """The frozen reference LM (with LoRA: the base, the adapter off)."""
+        if self.reference_path is None:
+            raise ValueError("this stage has no reference model")
+        if self.lora_cfg.enabled:
+            return state.frozen[lora.BASE]
+        return lora._get(state.frozen, self.reference_path)
+
+    def stage_params(self, state: TrainState) -> Any:
+        """The stage's params in their full layout (LM attached at ``lm_path``: reward-model scoring)."""
+        return state.params if not self.lora_cfg.enabled else lora._set(state.params, self.lm_path, self.lm(state))
+
+    def merged_lm(self, state: TrainState) -> Any:
+        """The LM with the adapters merged into its kernels (for export)."""
+        if not self.lora_cfg.enabled:
+            return lora._get(state.params, self.lm_path)
+        return lora.merge(state.frozen[lora.BASE], lora._get(state.params, self.lm_path), self.lora_cfg)
+
+    def export(self, out: pathlib.Path, model_cfg: models.ModelConfig, state: TrainState, tokenizer: Any,
+               base_model: str | None = None) -> dict:
+        """``out/hf/`` (merged, loads in transformers); with LoRA also ``out/peft/`` (PEFT's format:
+        ``peft.PeftModel.from_pretrained(base, out/"peft")``) where the family allows it."""
+        written = {"hf": str(export_lm(out / "hf", model_cfg, self.merged_lm(state), tokenizer))}
+        if self.lora_cfg.enabled:
+            if model_cfg.model_type in ("llama", "qwen2"):
+                lora.save_peft(out / "peft", model_cfg, self.lora_cfg, lora._get(state.params, self.lm_path),
+                               base_model=base_model)
+                written["peft"] = str(out / "peft")
+            else:
+                print(f"[lora] no PEFT export for a {model_cfg.model_type} model (fused q/k/v); merged export in "
+                      f"{out / 'hf'}", flush=True)
+        return written
 
 
 # --- Data ---------------------------------------------------------------------------------------
