@@ -17,11 +17,11 @@ import pathlib
 
 import tyro
 
-from rlhf_jax import defaults, evaluation, losses, memory, models, steps, workflow
+from rlhf_jax import defaults, evaluation, lora, losses, memory, models, steps, workflow
 from rlhf_jax.configs import OptimizerConfig
 from rlhf_jax.data import BatchIterator, collate_pairs, encode, simulated
 from rlhf_jax.logging import MetricsLogger
-from rlhf_jax.train_state import make_optimizer, place_train_state, shardings_of
+from rlhf_jax.train_state import make_optimizer, shardings_of
 
 
 STAGE = "dpo"
@@ -53,6 +53,9 @@ class DPOConfig:
     """Steps between held-out DPO losses (eval/dpo/*) on the held-out comparisons."""
     num_eval_prompts: int = 256
     """Held-out prompts the trained policy and the reference are sampled on at the end (0 = none)."""
+    lora: lora.LoraConfig = lora.LoraConfig()
+    """LoRA adapters on the policy (--lora.rank 8); the reference is then the base with the adapter off (no
+    second copy of the weights). Exports hf/ (merged) and peft/."""
     reward_model: str | None = None
     """Reward model (from reward_model.py) that judges the held-out samples (default: <run.out>/rm/hf when it
     exists; without one the evaluation reports KL, length, EOS rate and samples)."""
@@ -75,17 +78,18 @@ def _main(cfg: DPOConfig):
     reference_free = cfg.variant == "simpo"
     optim_cfg = workflow.optimizer_for(cfg.optim, cfg.steps)
     optimizer = make_optimizer(optim_cfg)
-    state = place_train_state(params, optimizer, mesh, rules, axes, frozen=None if reference_free else params,
-                              frozen_axes=None if reference_free else axes)
+    trainable = workflow.Trainable.create(cfg.lora, model_cfg, reference_path=None if reference_free else ())
+    state = trainable.place(model_cfg, params, axes, optimizer, mesh, rules, frozen=None if reference_free else params,
+                            frozen_axes=None if reference_free else axes)
     del params
     state_sh = shardings_of(state)
     if cfg.variant not in losses.DPO_VARIANTS:
         raise ValueError(f"--variant {cfg.variant!r} is not one of {sorted(losses.DPO_VARIANTS)}")
     loss_fn = functools.partial(losses.dpo_loss, variant=cfg.variant, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                                 nll_coef=cfg.nll_coef)
-    train_step = steps.make_dpo_step(model_cfg, optimizer, state_sh, mesh, rules, loss_fn=loss_fn)
+    train_step = steps.make_dpo_step(model_cfg, optimizer, state_sh, mesh, rules, loss_fn=loss_fn, view=trainable.view)
     eval_step = steps.make_eval_step(functools.partial(steps.dpo_objective, model_cfg=model_cfg, loss_fn=loss_fn),
-                                     state_sh, mesh, rules)
+                                     state_sh, mesh, rules, view=trainable.view)
 
     collate = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id, length=cfg.max_len)
     batches = BatchIterator(workflow.encode_rows(cfg.data, train_rows, tokenizer, max_len=cfg.max_len, what="training rows"), collate, batch_size=cfg.batch_size,
@@ -100,21 +104,21 @@ def _main(cfg: DPOConfig):
                                            eval_every=cfg.eval_every, print_keys=("optim/loss", "dpo/accuracy", "dpo/margin"),
                                            optim=optim_cfg)
     out = workflow.stage_dir(cfg.run, stage)
-    workflow.export_lm(out / "hf", model_cfg, state.params, tokenizer)
-    result = {"hf": str(out / "hf"), **last_eval}
+    result = {**trainable.export(out, model_cfg, state, tokenizer, base_model=sft_path), **last_eval}
     if cfg.data.path is None:  # the simulated held-out prompts PPO and best-of-n are evaluated on
         prompts = workflow.prompt_texts(workflow.rows_from(
             dataclasses.replace(cfg.data, seed=2, num_eval=cfg.num_eval_prompts), "prompt", "eval", simulated.prompt_rows))
     else:  # the prompts of the held-out comparisons (--data.eval-path or the held-out split of --data.path)
         prompts = workflow.eval_prompts(eval_rows, cfg.num_eval_prompts)
     if cfg.num_eval_prompts and prompts:
-        _, reference, _ = workflow.load_lm(dataclasses.replace(cfg.model, path=sft_path))
+        reference = (workflow.load_lm(dataclasses.replace(cfg.model, path=sft_path))[1] if reference_free
+                     else trainable.reference(state))  # the state's own reference: no second copy
         rm_path = cfg.reward_model or pathlib.Path(cfg.run.out) / "rm" / "hf"
         reward = None
         if cfg.reward_model is not None or (rm_path / workflow.REWARD_HEAD_FILE).exists():
             reward = evaluation.load_reward_model(rm_path, cfg.model, tokenizer)
             print(f"[{stage}] held-out samples judged by the reward model {rm_path}", flush=True)
-        ev = evaluation.evaluate_policy(model_cfg, state.params, reference, tokenizer, prompts,
+        ev = evaluation.evaluate_policy(model_cfg, trainable.lm(state), reference, tokenizer, prompts,
                                         seed=cfg.run.seed + 1000, sample_args=cfg.sample, reward=reward,
                                         gold=cfg.data.path is None, mesh=mesh, rules=rules)
         result.update(ev)

@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
-from rlhf_jax import checkpoint, defaults, evaluation, kl, memory, losses, models, rollout, sharding, steps, workflow
+from rlhf_jax import checkpoint, defaults, evaluation, kl, lora, memory, losses, models, rollout, sharding, steps, workflow
 from rlhf_jax.configs import OptimizerConfig
 from rlhf_jax.data import BatchIterator, collate_prompts, encode_prompts, simulated
 from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.metrics import to_floats
-from rlhf_jax.train_state import make_optimizer, place_train_state, shardings_of
+from rlhf_jax.train_state import make_optimizer, shardings_of
 
 
 STAGE = "ppo"
@@ -65,6 +65,9 @@ class PPOConfig:
     run: workflow.RunArgs = workflow.RunArgs(save_every=10, log_every=1)
     optim: OptimizerConfig = OptimizerConfig(learning_rate=None, warmup_steps=0, total_steps=10_000, b2=0.99)
     sample: workflow.SampleArgs = workflow.SampleArgs(batch_size=None)
+    lora: lora.LoraConfig = lora.LoraConfig()
+    """LoRA adapters on the policy (--lora.rank 8); the value head trains beside them and the reference is the
+    base with the adapter off (no second copy). Exports hf/ (merged) and peft/."""
     kl: KLArgs = KLArgs()
     iterations: int = 40
     """PPO iterations (rollout + update)."""
@@ -138,7 +141,10 @@ def _main(cfg: PPOConfig):
     frozen_axes = {"reference": axes, "reward": {"backbone": models.param_logical_axes(reward_cfg), "head": head_axes}}
     optim_cfg = cfg.optim
     optimizer = make_optimizer(optim_cfg)
-    state = place_train_state(params, optimizer, mesh, rules, param_axes, frozen=frozen, frozen_axes=frozen_axes)
+    # with LoRA the reference is the frozen base (adapter off) unless --reference names another model
+    trainable = workflow.Trainable.create(cfg.lora, model_cfg, lm_path=("policy",),
+                                          reference_path=("reference",) if cfg.reference is None else None)
+    state = trainable.place(model_cfg, params, param_axes, optimizer, mesh, rules, frozen=frozen, frozen_axes=frozen_axes)
     del params, frozen, sft_params, ref_params, rm_params
     state_sh = shardings_of(state)
 
@@ -148,10 +154,11 @@ def _main(cfg: PPOConfig):
     num_samples = cfg.samples_per_prompt if grouped else 1
     score_options = (dict(num_samples=num_samples) if grouped else dict(gamma=cfg.gamma, lam=cfg.lam))
     score_step = steps.make_ppo_score_step(model_cfg, reward_cfg, state_sh, mesh, rules, critic_cfg=critic_cfg,
+                                           view=trainable.view,
                                            advantage_estimator=cfg.advantage, kl_estimator=cfg.kl.estimator,
                                            missing_eos_penalty=cfg.missing_eos_penalty, **score_options)
     ppo_step = steps.make_ppo_step(model_cfg, optimizer, state_sh, mesh, rules, epochs=cfg.epochs,
-                                   num_minibatches=cfg.num_minibatches, critic_cfg=critic_cfg,
+                                   num_minibatches=cfg.num_minibatches, critic_cfg=critic_cfg, view=trainable.view,
                                    policy_loss_fn=policy_loss, value_loss_fn=value_loss,
                                    vf_coef=0.0 if grouped else cfg.vf_coef)
     generate = functools.partial(rollout.generate, model_cfg, max_new_tokens=cfg.sample.max_new_tokens,
@@ -186,11 +193,14 @@ def _main(cfg: PPOConfig):
         kl_ctl = kl_ctl.replace(value=jnp.asarray(restored.data_state["kl_coef"], jnp.float32))
         print(f"[ppo] resumed from iteration {start}", flush=True)
 
+    def reference(state):  # --reference's model, or the SFT model (with LoRA: the base, adapter off)
+        return state.frozen["reference"] if "reference" in state.frozen else trainable.reference(state)
+
     def evaluate(state) -> dict:
         if not eval_prompts:
             return {}
         return evaluation.evaluate_policy(
-            model_cfg, state.params["policy"], state.frozen["reference"], tokenizer, eval_prompts,
+            model_cfg, trainable.lm(state), reference(state), tokenizer, eval_prompts,
             seed=cfg.run.seed + 1000, sample_args=cfg.sample, gold=cfg.data.path is None, mesh=mesh, rules=rules,
             reward=evaluation.RewardModel(reward_cfg, state.frozen["reward"]))
 
@@ -204,7 +214,7 @@ def _main(cfg: PPOConfig):
             it_key = jax.random.fold_in(key, it)
             prompts, texts = next(prompts_it)
             ids, mask = sharding.shard_batch((prompts.prompt_ids_BP, prompts.prompt_mask_BP), mesh, rules)
-            r = jax.block_until_ready(generate(state.params["policy"], ids, mask, key=jax.random.fold_in(it_key, 0)))
+            r = jax.block_until_ready(generate(trainable.lm(state), ids, mask, key=jax.random.fold_in(it_key, 0)))
             t_gen = time.perf_counter() - t0  # after block_until_ready: generation done, not just dispatched
             batch, score_metrics = score_step(state, r, kl_ctl.value)
             state, train_metrics = ppo_step(state, batch, jax.random.fold_in(it_key, 1))
@@ -239,8 +249,7 @@ def _main(cfg: PPOConfig):
                                 data_state={"prompts": prompts_it.get_state(), "kl_coef": float(kl_ctl.value)})
     manager.wait_until_finished()
     manager.close()
-    workflow.export_lm(out / "hf", model_cfg, state.params["policy"], tokenizer)
-    result = {"hf": str(out / "hf"), **last_eval}
+    result = {**trainable.export(out, model_cfg, state, tokenizer, base_model=policy_path), **last_eval}
     workflow.write_json(out / "eval.json", result)  # written last: its presence marks the stage as finished
     return result, out, "ppo"
 

@@ -218,7 +218,7 @@ def _get(tree: Any, path: Path) -> Any:
 def _set(tree: Any, path: Path, value: Any) -> Any:
     if not path:
         return value
-    return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
+    return {**tree, path[0]: _set(tree.get(path[0], {}), path[1:], value)}
 
 
 View = Callable[..., tuple[Params, Params]]
