@@ -27,7 +27,7 @@ def test_no_preset_is_the_embedded_default():
 def test_smollm2_preset_points_every_stage_at_the_wheels_gguf_and_flags_override_it():
     cfg = pipeline.cli(["--preset", "smollm2", "--ppo.iterations", "3", "--rm.steps", "5"])
     assert cfg.sft.model.path == str(smollm2_gguf())
-    assert cfg.ppo.iterations == 3 and cfg.rm.steps == 5  # overridden
+    assert cfg.ppo.iterations == 3 and cfg.rm.steps == 5 != pipeline.smollm2_preset().rm.steps  # overridden
     preset = pipeline.smollm2_preset()
     assert dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, iterations=preset.ppo.iterations),
                                rm=dataclasses.replace(cfg.rm, steps=preset.rm.steps)) == preset  # the rest kept
