@@ -3,14 +3,15 @@ subprocesses with tiny budgets, on a user's files — conversation ({"role", "co
 plain-text prompts alternated across the scripts:
 
     sft.py          --model.path <the .gguf>  messages demonstrations (chat template applied)
-    reward_model.py --model.path <sft/hf>     text pairs (text prompts rendered with the template)
-    ppo.py                                    conversation prompts, held-out conversation file
+    reward_model.py --lora.rank 4             text pairs (text prompts rendered with the template)
+    ppo.py          --lora.rank 4             conversation prompts, held-out conversation file
     dpo.py                                    conversation-prompt pairs, held-out share of the file
     best_of_n.py                              text prompts, held-out share of the file
 
 Each export loads in transformers (AutoModelForCausalLM; the reward model's backbone in AutoModel
 with its head on the last token) with the logits rlhf_jax computes from the same directory, on
-left-padded chat prompts, and its tokenizer renders the same chat template. PPO, DPO and best-of-n
+left-padded chat prompts, and its tokenizer renders the same chat template; the LoRA stages' peft/
+adapters, loaded by peft onto transformers' SFT model, give the merged export's logits. PPO, DPO and best-of-n
 write a non-empty evaluation of their held-out prompts.
 
 One module fixture runs the five scripts in order (~4 minutes on 2 cores); it lives in its own file
@@ -57,6 +58,10 @@ CHATS = [[{"role": "user", "content": "Name a fruit."}],
          [SYSTEM, {"role": "user", "content": "What is the capital of Italy? Answer in one word."}]]
 
 
+LORA = ("--lora.rank", "4", "--lora.targets", "all")
+"""The reward model and PPO train LoRA adapters (SFT and DPO every parameter)."""
+
+
 def _chat(question: str) -> list[dict]:
     return [SYSTEM, {"role": "user", "content": question}]
 
@@ -86,9 +91,9 @@ def smol_run(tmp_path_factory):
     stdout["sft"] = _run("sft.py", *common, "--model.path", str(smollm2_gguf()), "--data.path", demos,
                          "--data.eval-fraction", "0", "--steps", "2", "--batch-size", "4", "--eval-every", "2",
                          "--num-eval-samples", "0").stdout
-    stdout["rm"] = _run("reward_model.py", *common, "--data.path", text_pairs, "--data.eval-fraction", "0.25",
+    stdout["rm"] = _run("reward_model.py", *common, *LORA, "--data.path", text_pairs, "--data.eval-fraction", "0.25",
                         "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--normalize-samples", "4").stdout
-    stdout["ppo"] = _run("ppo.py", *common, "--data.path", chat_prompts, "--data.eval-path", chat_eval,
+    stdout["ppo"] = _run("ppo.py", *common, *LORA, "--data.path", chat_prompts, "--data.eval-path", chat_eval,
                          "--iterations", "1", "--rollout-prompts", "4", "--num-minibatches", "1", "--epochs", "1",
                          "--eval-every", "1", "--num-eval-prompts", "4").stdout
     stdout["dpo"] = _run("dpo.py", *common, "--data.path", chat_pairs, "--data.eval-fraction", "0.25",
@@ -190,3 +195,25 @@ def test_scripts_print_the_pretrained_defaults_they_chose(smol_run):
     _, stdout = smol_run
     for script, text in stdout.items():
         assert "defaults for a pretrained model" in text, script
+
+
+@pytest.mark.parametrize("stage", ["rm", "ppo"])
+def test_lora_stages_peft_adapters_load_in_peft_with_the_merged_exports_logits(smol_run, chat_batch, stage):
+    """<stage>/peft/ on transformers' SFT model (peft.PeftModel.from_pretrained) = <stage>/hf/ (merged)."""
+    import peft
+
+    out, _ = smol_run
+    ids, mask, _ = chat_batch
+    config = json.loads((out / stage / "peft" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and len(config["target_modules"]) == 7
+    assert config["base_model_name_or_path"] == str(out / "sft" / "hf")
+    cfg, merged = models.load_pretrained(out / stage / "hf")
+    ours = np.asarray(models.forward(cfg, merged, jnp.asarray(ids), jnp.asarray(mask)))
+    del merged
+    base = transformers.AutoModelForCausalLM.from_pretrained(out / "sft" / "hf", dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+    sft_logits = hf_logits(base, ids, mask)
+    theirs = hf_logits(peft.PeftModel.from_pretrained(base, str(out / stage / "peft")).eval(), ids, mask)
+    assert _rel_err(ours, theirs, mask) < 1e-5
+    assert _rel_err(sft_logits, theirs, mask) > 1e-5  # the adapter moved the model
+    assert sum(f.stat().st_size for f in (out / stage / "peft").iterdir()) < 10e6  # 4.9 MB at rank 4, all targets
