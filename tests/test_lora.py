@@ -305,3 +305,33 @@ def test_peft_errors_name_the_file_and_the_field(tiny_llama, tmp_path):
                                               "num_attention_heads": 2, "max_position_embeddings": 16})
     with pytest.raises(ValueError, match="gpt_neox model fuses q, k and v"):
         lora.save_peft(tmp_path / "n", neox, lora_cfg, {})
+
+
+def test_trainable_continues_a_peft_adapter_and_exports_it_again(tiny_llama, tmp_path):
+    """--lora.load DIR: the adapter's own rank, alpha and targets replace the flags'; the placed state
+    starts from its weights; the stage's exports (merged hf/, peft/) hold the same model."""
+    from rlhf_jax import workflow
+
+    path, cfg, params, ids, mask = tiny_llama
+    saved_cfg = lora.LoraConfig(rank=3, alpha=6.0, targets=("q", "down"))
+    adapters = _trained_adapters(cfg, saved_cfg, seed=9)
+    lora.save_peft(tmp_path / "in", cfg, saved_cfg, adapters)
+    trainable = workflow.Trainable.create(lora.LoraConfig(rank=8, dropout=0.1, load=str(tmp_path / "in")), cfg)
+    assert (trainable.lora_cfg.rank, trainable.lora_cfg.alpha, trainable.lora_cfg.dropout) == (3, 6.0, 0.1)
+    assert lora.target_names(cfg, trainable.lora_cfg) == ("q", "down")
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    state = trainable.place(cfg, params, models.param_logical_axes(cfg), optax.identity(), mesh, DEFAULT_RULES)
+    want = np.asarray(models.forward(cfg, lora.attach(params, adapters, saved_cfg), jnp.asarray(ids), jnp.asarray(mask)))
+    got = np.asarray(models.forward(cfg, trainable.lm(state), jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_array_equal(got, want)
+
+    class _NoTokenizer:
+        def save_pretrained(self, _):
+            pass
+
+    written = trainable.export(tmp_path / "out", cfg, state, _NoTokenizer())
+    assert _rel(np.asarray(models.forward(cfg, models.load_pretrained(written["hf"])[1], jnp.asarray(ids),
+                                          jnp.asarray(mask))), want, mask) < 1e-5
+    _, again = lora.load_peft(written["peft"], cfg)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(adapters)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
