@@ -187,7 +187,7 @@ def _main(cfg: PPOConfig):
     manager = workflow.open_checkpoints(out, cfg.run)
     start = 0
     if cfg.run.resume and manager.latest_step() is not None:
-        restored = checkpoint.restore(manager, workflow.abstract_of(state))
+        restored = checkpoint.restore(manager, workflow.abstract_of(state), frozen=state.frozen)
         state, start = restored.state, restored.step
         prompts_it.set_state(restored.data_state["prompts"])
         kl_ctl = kl_ctl.replace(value=jnp.asarray(restored.data_state["kl_coef"], jnp.float32))

@@ -2,10 +2,17 @@
 
 One checkpoint step holds three items (``ocp.args.Composite``):
 
-- ``state``  : the :class:`~rlhf_jax.train_state.TrainState` (sharded arrays, ``StandardSave``);
+- ``state``  : the :class:`~rlhf_jax.train_state.TrainState` without its ``frozen`` trees (sharded arrays,
+  ``StandardSave``): only what training changes (trainable params, optimizer state, step);
 - ``data``   : the data iterator's position, a JSON dict (``JsonSave``), and the JAX PRNG key of the
   training loop (its implementation's name and key data, under ``"_rng"``);
 - ``config`` : the experiment config, a JSON dict (``JsonSave``).
+
+The frozen trees (a reference policy, a reward model, LoRA's base) are not written: the run that
+resumes loads them again from where it loaded them the first time. The ``data`` item names each one
+with a fingerprint of its content (:func:`fingerprints`), and :func:`restore` refuses to resume on
+frozen weights whose fingerprint differs, naming the tree. Checkpoints written before this (frozen
+trees inside ``state``) still restore.
 
 Restoring onto a different mesh only needs the target: pass the abstract state of the new mesh
 (:func:`rlhf_jax.train_state.abstract_train_state`) and every array is read straight into its
@@ -20,11 +27,13 @@ Checkpoints written with ``JaxRandomKeySave`` (an ``rng`` item) still restore.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pathlib
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -41,6 +50,38 @@ def make_checkpoint_manager(cfg: CheckpointConfig) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.abspath(cfg.directory), options=options)
 
 
+@jax.jit
+def _leaf_sums(tree: Any) -> Any:
+    """Two position-weighted uint32 sums of every leaf's bits (a fingerprint, on device)."""
+    def sums(x):
+        bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize])
+        u = bits.astype(jnp.uint32).reshape(-1)
+        i = jnp.arange(u.size, dtype=jnp.uint32)
+        return jnp.stack([jnp.sum(u * (2 * i + 1), dtype=jnp.uint32), jnp.sum(u ^ (i * jnp.uint32(2654435761)),
+                                                                              dtype=jnp.uint32)])
+    return jax.tree.map(sums, tree)
+
+
+def fingerprints(frozen: Any) -> dict[str, str]:
+    """``{name: hex fingerprint}`` of each top-level tree of ``frozen`` (its leaves' paths, shapes,
+    dtypes and two position-weighted sums of their bits): what a checkpoint records instead of them."""
+    if not isinstance(frozen, Mapping) or not frozen:
+        return {}
+    found = {}
+    for name in sorted(frozen):
+        tree = frozen[name]
+        digest = hashlib.sha256()
+        sums = jax.device_get(_leaf_sums(tree))
+        for (path, leaf), s in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(sums)):
+            digest.update(f"{jax.tree_util.keystr(path)}:{tuple(leaf.shape)}:{leaf.dtype}:{int(s[0])}:{int(s[1])};".encode())
+        found[str(name)] = digest.hexdigest()[:16]
+    return found
+
+
+FROZEN_KEY = "_frozen"
+"""Key of the ``data`` item under which :func:`save` names the frozen trees (their fingerprints)."""
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState, *, rng: jax.Array,
          data_state: Mapping[str, Any], config: Mapping[str, Any] | Any, force: bool = False) -> bool:
     """Save at ``step`` if the manager's interval says so (always when ``force``); returns whether it did.
@@ -50,12 +91,14 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, *, rng: j
     """
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
-    if RNG_KEY in data_state:
-        raise ValueError(f"data_state may not use the key {RNG_KEY!r} (the checkpoint stores the RNG key there)")
+    for reserved in (RNG_KEY, FROZEN_KEY):
+        if reserved in data_state:
+            raise ValueError(f"data_state may not use the key {reserved!r} (the checkpoint stores its own item there)")
     key_data = np.asarray(jax.device_get(jax.random.key_data(rng)))
     data = {**data_state, RNG_KEY: {"impl": str(jax.random.key_impl(rng)), "dtype": str(key_data.dtype),
-                                    "shape": list(key_data.shape), "key_data": key_data.ravel().tolist()}}
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+                                    "shape": list(key_data.shape), "key_data": key_data.ravel().tolist()},
+            FROZEN_KEY: fingerprints(state.frozen)}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state.replace(frozen={})), data=ocp.args.JsonSave(data),
                               config=ocp.args.JsonSave(dict(config)))
     return manager.save(step, args=args, force=force)
 
@@ -75,17 +118,33 @@ class Restored:
     config: dict[str, Any]
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state: TrainState, step: int | None = None) -> Restored:
+def restore(manager: ocp.CheckpointManager, abstract_state: TrainState, step: int | None = None, *,
+            frozen: Any = None) -> Restored:
     """Read checkpoint ``step`` (default: the newest) into the shapes and shardings of ``abstract_state``.
 
     ``abstract_state`` is a TrainState of ``jax.ShapeDtypeStruct`` with ``.sharding`` set, e.g. from
     :func:`rlhf_jax.train_state.abstract_train_state` on the mesh to resume on (which may differ
-    from the mesh that saved).
+    from the mesh that saved). ``frozen``: the run's frozen trees as loaded again (the live state's
+    ``frozen``); they must have the fingerprints the checkpoint recorded, or the restore is refused
+    naming the tree, and become the restored state's ``frozen``.
     """
     manager.wait_until_finished()
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    saved = dict(manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data)
+    trainable_only = FROZEN_KEY in saved
+    if trainable_only:
+        frozen = {} if frozen is None else frozen
+        want, have = saved[FROZEN_KEY], fingerprints(frozen)
+        for name in sorted(set(want) | set(have)):
+            if want.get(name) != have.get(name):
+                raise ValueError(
+                    f"{manager.directory}/{step}: frozen tree {name!r} differs from the one this checkpoint was "
+                    f"trained with (fingerprint {have.get(name, 'absent')} now, {want.get(name, 'absent')} saved): "
+                    "refusing to resume on different frozen weights (the same --model.path / --reward-model / "
+                    "--reference as the interrupted run?)")
+        abstract_state = abstract_state.replace(frozen={})
     items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
                  config=ocp.args.JsonRestore())
     legacy = (pathlib.Path(manager.directory) / str(step) / "rng").is_dir()  # written with JaxRandomKeySave
@@ -94,13 +153,15 @@ def restore(manager: ocp.CheckpointManager, abstract_state: TrainState, step: in
         items["rng"] = ocp.args.JaxRandomKeyRestore(restore_args=ocp.ArrayRestoreArgs(sharding=replicated))
     out = manager.restore(step, args=ocp.args.Composite(**items))
     data = dict(out.data)
+    data.pop(FROZEN_KEY, None)
+    state = out.state.replace(frozen=frozen) if trainable_only else out.state
     if legacy:
         rng = out.rng
     else:
         saved = data.pop(RNG_KEY)
         key_data = np.asarray(saved["key_data"], dtype=saved["dtype"]).reshape(saved["shape"])
         rng = jax.device_put(jax.random.wrap_key_data(key_data, impl=saved["impl"]), abstract_state.step.sharding)
-    return Restored(step=step, state=out.state, rng=rng, data_state=data, config=out.config)
+    return Restored(step=step, state=state, rng=rng, data_state=data, config=out.config)
 
 
 def export_hf(path: str | os.PathLike, model_cfg: models.ModelConfig, params: Any) -> None:

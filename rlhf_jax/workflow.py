@@ -455,7 +455,7 @@ def train_loop(*, stage: str, run: RunArgs, state: TrainState, step_fn: Callable
     rng = jax.random.key(run.seed)
     start = 0
     if run.resume and manager.latest_step() is not None:
-        restored = checkpoint.restore(manager, abstract_of(state))
+        restored = checkpoint.restore(manager, abstract_of(state), frozen=state.frozen)
         state, start = restored.state, restored.step
         batches.set_state(restored.data_state)
         print(f"[{stage}] resumed from step {start} ({out / 'checkpoints'})", flush=True)
