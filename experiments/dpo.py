@@ -105,7 +105,9 @@ def _main(cfg: DPOConfig):
                                            optim=optim_cfg)
     out = workflow.stage_dir(cfg.run, stage)
     result = {**trainable.export(out, model_cfg, state, tokenizer, base_model=sft_path), **last_eval}
-    if cfg.data.path is None:  # the simulated held-out prompts PPO and best-of-n are evaluated on
+    if not cfg.num_eval_prompts:
+        prompts = []
+    elif cfg.data.path is None:  # the simulated held-out prompts PPO and best-of-n are evaluated on
         prompts = workflow.prompt_texts(workflow.rows_from(
             dataclasses.replace(cfg.data, seed=2, num_eval=cfg.num_eval_prompts), "prompt", "eval", simulated.prompt_rows))
     else:  # the prompts of the held-out comparisons (--data.eval-path or the held-out split of --data.path)
