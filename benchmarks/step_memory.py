@@ -48,6 +48,8 @@ def main() -> None:
     del params
     gc.collect()
     rss("host copy freed")
+    memory.release_freed_host_memory()
+    rss("freed memory returned")
     step = steps.make_sft_step(cfg, optimizer, shardings_of(state), mesh, DEFAULT_RULES, view=trainable.view)
     B, T = args.batch, args.length
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)

@@ -82,6 +82,7 @@ def _main(cfg: DPOConfig):
     state = trainable.place(model_cfg, params, axes, optimizer, mesh, rules, frozen=None if reference_free else params,
                             frozen_axes=None if reference_free else axes)
     del params
+    memory.release_freed_host_memory()  # the host copies placed on the devices
     state_sh = shardings_of(state)
     if cfg.variant not in losses.DPO_VARIANTS:
         raise ValueError(f"--variant {cfg.variant!r} is not one of {sorted(losses.DPO_VARIANTS)}")

@@ -146,6 +146,7 @@ def _main(cfg: PPOConfig):
                                           reference_path=("reference",) if cfg.reference is None else None)
     state = trainable.place(model_cfg, params, param_axes, optimizer, mesh, rules, frozen=frozen, frozen_axes=frozen_axes)
     del params, frozen, sft_params, ref_params, rm_params
+    memory.release_freed_host_memory()  # the host copies placed on the devices
     state_sh = shardings_of(state)
 
     policy_loss = functools.partial(losses.ppo_policy_loss, clip_eps=cfg.clip_eps, entropy_coef=cfg.entropy_coef)

@@ -81,6 +81,7 @@ def _main(cfg: RewardConfig):
     trainable = workflow.Trainable.create(cfg.lora, model_cfg, lm_path=("backbone",))
     state = trainable.place(model_cfg, params, axes, optimizer, mesh, rules)
     del params, backbone
+    memory.release_freed_host_memory()  # the host copies placed on the devices
     state_sh = shardings_of(state)
     train_step = steps.make_reward_step(model_cfg, optimizer, state_sh, mesh, rules, loss_fn=LOSSES[cfg.loss],
                                         view=trainable.view)

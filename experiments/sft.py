@@ -77,6 +77,7 @@ def _main(cfg: SFTConfig):
     else:
         state = trainable.place(model_cfg, params, axes, optimizer, mesh, rules)
     del params
+    memory.release_freed_host_memory()  # the host copies placed on the devices
     state_sh = shardings_of(state)
     train_step = steps.make_sft_step(model_cfg, optimizer, state_sh, mesh, rules, view=trainable.view)
     eval_step = steps.make_eval_step(functools.partial(steps.sft_objective, model_cfg=model_cfg), state_sh, mesh, rules,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from rlhf_jax import checkpoint, lora, models, rollout, sharding, steps
+from rlhf_jax import checkpoint, lora, memory, models, rollout, sharding, steps
 from rlhf_jax.configs import CheckpointConfig, MeshConfig, OptimizerConfig
 from rlhf_jax.data import (BatchIterator, PromptRow, ValidationReport, collate_prompts, encode_prompts, load_source,
                            parse_row)
@@ -173,6 +173,7 @@ def load_lm(args: ModelArgs, key: jax.Array | None = None) -> tuple[models.Model
     from rlhf_jax.data import chat
 
     setattr(tokenizer, chat.TOKENIZER_ATTRIBUTE, args.chat_template)  # every encoding of this run agrees
+    memory.release_freed_host_memory()  # the loader's host copies are gone: give their pages back
     return cfg, params, tokenizer
 
 

@@ -238,7 +238,9 @@ def _params_from(cfg: ModelConfig, reader: Any, path: pathlib.Path, np_dtype: np
         raise ValueError(f"{path}: {len(unused)} tensors are not used by this {cfg.model_type} config "
                          f"(first: {unused[:5]}); refusing to drop them")
     _check_specs(cfg, flat)
-    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
+    # one leaf at a time onto the device, dropping its host copy right away: the load peaks at about one
+    # copy of the weights, not two
+    return traverse_util.unflatten_dict({k: jnp.asarray(flat.pop(k)) for k in list(flat)}, sep="/")
 
 
 def _check_specs(cfg: ModelConfig, flat: dict[str, Any]) -> None:
