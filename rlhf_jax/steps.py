@@ -49,10 +49,42 @@ def next_token_logps(logits_BTV: jax.Array, input_ids_BT: jax.Array) -> jax.Arra
     return jnp.pad(logps_BT, ((0, 0), (0, 1)))
 
 
+LOGITS_CHUNK = 32
+"""Positions per chunk of :func:`logps_and_entropy_from_hidden`: the (B, chunk, V) logits of one chunk are
+all that exists at a time (for SmolLM2's 49,152-token vocabulary, 16 rows: 100 MB instead of 350 MB
+for 112 positions), in the forward pass and, rematerialised, in the backward pass."""
+
+
+def logps_and_entropy_from_hidden(cfg: models.ModelConfig, params: Params, hidden_BTD: jax.Array,
+                                  input_ids_BT: jax.Array, chunk: int = LOGITS_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """``(logps_BT, entropy_BT)`` of :func:`next_token_logps` and ``ops.entropy_from_logits`` from the final
+    hidden states, unembedding ``chunk`` positions at a time (``lax.map`` of a ``jax.checkpoint``ed
+    chunk), so the full (B, T, V) logits are never formed. Same values as the unchunked computation."""
+    B, T, D = hidden_BTD.shape
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    targets_BT = jnp.pad(input_ids_BT[:, 1:], ((0, 0), (0, 1 + pad)))
+    h_NBCD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
+    y_NBC = targets_BT.reshape(B, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        h_BCD, y_BC = args
+        logits_BCV = models.unembed(cfg, params, h_BCD)
+        return ops.token_logps(logits_BCV, y_BC), ops.entropy_from_logits(logits_BCV)
+
+    logps_NBC, entropy_NBC = jax.lax.map(one, (h_NBCD, y_NBC))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]  # noqa: E731
+    logps_BT = unchunk(logps_NBC).at[:, -1].set(0.0)  # the last column predicts nothing
+    return logps_BT, unchunk(entropy_NBC)
+
+
 def token_logps(cfg: models.ModelConfig, params: Params, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
                 positions_BT: jax.Array | None = None) -> jax.Array:
-    """Per-token log-probs of ``input_ids_BT`` under the LM (see :func:`next_token_logps`)."""
-    return next_token_logps(models.forward(cfg, params, input_ids_BT, attention_mask_BT, positions_BT), input_ids_BT)
+    """Per-token log-probs of ``input_ids_BT`` under the LM (see :func:`next_token_logps`), the logits
+    formed a chunk of positions at a time (:func:`logps_and_entropy_from_hidden`)."""
+    hidden_BTD = models.forward_hidden(cfg, params, input_ids_BT, attention_mask_BT, positions_BT)
+    return logps_and_entropy_from_hidden(cfg, params, hidden_BTD, input_ids_BT)[0]
 
 
 def sequence_logps(cfg: models.ModelConfig, params: Params, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
@@ -158,7 +190,7 @@ def _policy_and_values(params: Params, input_ids_BT: jax.Array, attention_mask_B
                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(logps_BT, entropy_BT, values_BT)``: one backbone pass with a value head, or policy + critic."""
     hidden_BTD = models.forward_hidden(model_cfg, params["policy"], input_ids_BT, attention_mask_BT)
-    logits_BTV = models.unembed(model_cfg, params["policy"], hidden_BTD)
+    logps_BT, entropy_BT = logps_and_entropy_from_hidden(model_cfg, params["policy"], hidden_BTD, input_ids_BT)
     if "value_head" in params:
         values_BT = models.scalar_head(params["value_head"], hidden_BTD)
     elif "critic" in params:
@@ -167,7 +199,7 @@ def _policy_and_values(params: Params, input_ids_BT: jax.Array, attention_mask_B
         values_BT = models.scalar_head(params["critic"]["head"], critic_hidden_BTD)
     else:
         raise ValueError(f"PPO params need a 'value_head' or a 'critic' next to 'policy', got keys {sorted(params)}")
-    return next_token_logps(logits_BTV, input_ids_BT), ops.entropy_from_logits(logits_BTV), values_BT
+    return logps_BT, entropy_BT, values_BT
 
 
 def ppo_objective(params: Params, frozen: Params, batch: PPOBatch, *, model_cfg: models.ModelConfig,

@@ -219,3 +219,33 @@ def test_rloo_scoring_gives_each_prompts_samples_opposite_constant_advantages(pp
     np.testing.assert_allclose(per_row[1::2], -per_row[0::2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(metrics["rollout/score"].mean()), scores.mean(), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(batch.returns_BT), 0.0)
+
+
+@pytest.mark.parametrize("length", [16, 7])
+def test_chunked_logps_and_entropy_equal_the_full_logits_with_gradients(length):
+    """logps/entropy unembedded a few positions at a time (chunks of 5, the last one padded) equal
+    next_token_logps and entropy_from_logits of the full (B, T, V) logits, and so do their gradients."""
+    from rlhf_jax import ops
+    from rlhf_jax.steps import logps_and_entropy_from_hidden, next_token_logps
+
+    params = _lm(0)
+    b = sft_batch(3, length=length)
+    ids, mask = jnp.asarray(b.input_ids_BT), jnp.asarray(b.attention_mask_BT)
+    w = jax.random.normal(jax.random.key(1), ids.shape)
+
+    def full(p):
+        logits = models.forward(CFG, p, ids, mask)
+        lp, ent = next_token_logps(logits, ids), ops.entropy_from_logits(logits)
+        return jnp.sum(w * lp) + jnp.sum(w * ent), (lp, ent)
+
+    def chunked(p):
+        lp, ent = logps_and_entropy_from_hidden(CFG, p, models.forward_hidden(CFG, p, ids, mask), ids, chunk=5)
+        return jnp.sum(w * lp) + jnp.sum(w * ent), (lp, ent)
+
+    (v1, (lp1, ent1)), g1 = jax.value_and_grad(full, has_aux=True)(params)
+    (v2, (lp2, ent2)), g2 = jax.value_and_grad(chunked, has_aux=True)(params)
+    np.testing.assert_allclose(np.asarray(lp2), np.asarray(lp1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ent2), np.asarray(ent1), rtol=1e-6, atol=1e-6)
+    assert np.all(np.asarray(lp2)[:, -1] == 0)
+    for a, c in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-5 * np.abs(np.asarray(c)).max())
