@@ -110,12 +110,9 @@ def _main(cfg: RewardConfig):
         rm_params = {**rm_params, "head": workflow.fold_normalization(rm_params["head"], gain, bias)}
         result.update(raw_score_mean=float(scores.mean()), raw_score_std=float(scores.std()), gain=gain, bias=bias)
     out = workflow.stage_dir(cfg.run, "rm")
-    workflow.save_reward_model(out / "hf", model_cfg, {**rm_params, "backbone": trainable.merged_lm(state)}
-                               if trainable.lora_cfg.enabled else rm_params, tokenizer)
+    workflow.save_reward_model(out / "hf", model_cfg, {**rm_params, "backbone": trainable.merged_lm(state)}, tokenizer)
     result["hf"] = str(out / "hf")
-    if trainable.lora_cfg.enabled and model_cfg.model_type in ("llama", "qwen2"):
-        lora.save_peft(out / "peft", model_cfg, trainable.lora_cfg, state.params["backbone"], base_model=sft_path)
-        result["peft"] = str(out / "peft")
+    result.update(trainable.save_adapters(out, model_cfg, state, base_model=sft_path))
     workflow.write_json(out / "eval.json", result)
     print(f"[rm] held-out accuracy {result['accuracy']}, ceiling {result.get('agreement_ceiling')}", flush=True)
     return result, out, "rm"

@@ -161,7 +161,7 @@ def adapter_logical_axes(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> Params
 
 
 def _adapted(adapters: Params):
-    """``(path "attn/q", {"a", "b"})`` for every adapted projection."""
+    """``(group, name, {"a", "b"})`` for every adapted projection (``("attn", "q", ...)``)."""
     for group, projections in adapters["layers"].items():
         for name, ab in projections.items():
             yield group, name, ab
@@ -209,16 +209,18 @@ def merge(base: Params, adapters: Params, lora_cfg: LoraConfig) -> Params:
 Path = tuple[str, ...]
 
 
-def _get(tree: Any, path: Path) -> Any:
+def get_path(tree: Any, path: Path) -> Any:
+    """``tree[path[0]][path[1]]...`` (``()``: the tree itself)."""
     for k in path:
         tree = tree[k]
     return tree
 
 
-def _set(tree: Any, path: Path, value: Any) -> Any:
+def set_path(tree: Any, path: Path, value: Any) -> Any:
+    """A copy of the dicts along ``path`` with ``value`` there (``()``: ``value`` itself); leaves shared."""
     if not path:
         return value
-    return {**tree, path[0]: _set(tree.get(path[0], {}), path[1:], value)}
+    return {**tree, path[0]: set_path(tree.get(path[0], {}), path[1:], value)}
 
 
 View = Callable[..., tuple[Params, Params]]
@@ -238,17 +240,12 @@ def view(lora_cfg: LoraConfig, *, lm_path: Path = (), reference_path: Path | Non
     def apply(params: Params, frozen: Params, step: jax.Array | None = None) -> tuple[Params, Params]:
         base = frozen[BASE]
         key = None if step is None else jax.random.fold_in(jax.random.key(lora_cfg.seed + 1), step)
-        params = _set(params, lm_path, attach(base, _get(params, lm_path), lora_cfg, key))
+        params = set_path(params, lm_path, attach(base, get_path(params, lm_path), lora_cfg, key))
         rest = {k: v for k, v in frozen.items() if k != BASE}
         if reference_path is not None:
-            rest = _set(rest, reference_path, base)
+            rest = set_path(rest, reference_path, base)
         return params, rest
     return apply
-
-
-def frozen_base_leaves(frozen: Params) -> list[jax.Array]:
-    """The arrays of the base held in ``frozen`` (tests assert no other copy of them exists)."""
-    return jax.tree.leaves(frozen[BASE])
 
 
 # --- PEFT interchange -----------------------------------------------------------------------------
@@ -258,8 +255,12 @@ _PEFT_TENSOR = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_(
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
+PEFT_FAMILIES = ("llama", "qwen2")
+"""Families whose q, k and v are separate layers in transformers, so each adapter is one PEFT module."""
+
+
 def _check_peft_family(model_cfg: ModelConfig) -> None:
-    if model_cfg.model_type not in ("llama", "qwen2"):
+    if model_cfg.model_type not in PEFT_FAMILIES:
         raise ValueError(f"PEFT adapters are written for llama and qwen2 models (separate q/k/v projections); a "
                          f"{model_cfg.model_type} model fuses q, k and v into one layer: export the merged "
                          "checkpoint (<stage>/hf/) instead")

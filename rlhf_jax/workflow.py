@@ -239,24 +239,24 @@ class Trainable:
             return place_train_state(params, optimizer, mesh, rules, axes, frozen=frozen, frozen_axes=frozen_axes)
         lora_cfg = self.lora_cfg
         adapters = self.initial_adapters if self.initial_adapters is not None else lora.init_adapters(model_cfg, lora_cfg)
-        base = lora._get(params, self.lm_path)
-        trainable = lora._set(params, self.lm_path, adapters)
-        trainable_axes = lora._set(axes, self.lm_path, lora.adapter_logical_axes(model_cfg, lora_cfg))
+        base = lora.get_path(params, self.lm_path)
+        trainable = lora.set_path(params, self.lm_path, adapters)
+        trainable_axes = lora.set_path(axes, self.lm_path, lora.adapter_logical_axes(model_cfg, lora_cfg))
         frozen, frozen_axes = (frozen or {}), (frozen_axes or {})
         if self.reference_path is not None:  # the reference is the base: no copy of it is kept
             frozen = {} if not self.reference_path else {k: v for k, v in frozen.items() if k != self.reference_path[0]}
             frozen_axes = {} if not self.reference_path else {k: v for k, v in frozen_axes.items()
                                                               if k != self.reference_path[0]}
         frozen = {**frozen, lora.BASE: base}
-        frozen_axes = {**frozen_axes, lora.BASE: lora._get(axes, self.lm_path)}
+        frozen_axes = {**frozen_axes, lora.BASE: lora.get_path(axes, self.lm_path)}
         return place_train_state(trainable, optimizer, mesh, rules, trainable_axes, frozen=frozen,
                                  frozen_axes=frozen_axes)
 
     def lm(self, state: TrainState) -> Any:
         """The trained LM's parameters (with LoRA: the base with the adapters attached, no merged copy)."""
         if not self.lora_cfg.enabled:
-            return lora._get(state.params, self.lm_path)
-        return lora.attach(state.frozen[lora.BASE], lora._get(state.params, self.lm_path), self.lora_cfg)
+            return lora.get_path(state.params, self.lm_path)
+        return lora.attach(state.frozen[lora.BASE], lora.get_path(state.params, self.lm_path), self.lora_cfg)
 
     def reference(self, state: TrainState) -> Any:
         """The frozen reference LM (with LoRA: the base, the adapter off)."""
@@ -264,32 +264,37 @@ class Trainable:
             raise ValueError("this stage has no reference model")
         if self.lora_cfg.enabled:
             return state.frozen[lora.BASE]
-        return lora._get(state.frozen, self.reference_path)
+        return lora.get_path(state.frozen, self.reference_path)
 
     def stage_params(self, state: TrainState) -> Any:
         """The stage's params in their full layout (LM attached at ``lm_path``: reward-model scoring)."""
-        return state.params if not self.lora_cfg.enabled else lora._set(state.params, self.lm_path, self.lm(state))
+        return state.params if not self.lora_cfg.enabled else lora.set_path(state.params, self.lm_path, self.lm(state))
 
     def merged_lm(self, state: TrainState) -> Any:
         """The LM with the adapters merged into its kernels (for export)."""
         if not self.lora_cfg.enabled:
-            return lora._get(state.params, self.lm_path)
-        return lora.merge(state.frozen[lora.BASE], lora._get(state.params, self.lm_path), self.lora_cfg)
+            return lora.get_path(state.params, self.lm_path)
+        return lora.merge(state.frozen[lora.BASE], lora.get_path(state.params, self.lm_path), self.lora_cfg)
 
     def export(self, out: pathlib.Path, model_cfg: models.ModelConfig, state: TrainState, tokenizer: Any,
                base_model: str | None = None) -> dict:
-        """``out/hf/`` (merged, loads in transformers); with LoRA also ``out/peft/`` (PEFT's format:
-        ``peft.PeftModel.from_pretrained(base, out/"peft")``) where the family allows it."""
+        """``out/hf/`` (merged, loads in transformers) and, with LoRA, the adapters (:meth:`save_adapters`)."""
         written = {"hf": str(export_lm(out / "hf", model_cfg, self.merged_lm(state), tokenizer))}
-        if self.lora_cfg.enabled:
-            if model_cfg.model_type in ("llama", "qwen2"):
-                lora.save_peft(out / "peft", model_cfg, self.lora_cfg, lora._get(state.params, self.lm_path),
-                               base_model=base_model)
-                written["peft"] = str(out / "peft")
-            else:
-                print(f"[lora] no PEFT export for a {model_cfg.model_type} model (fused q/k/v); merged export in "
-                      f"{out / 'hf'}", flush=True)
-        return written
+        return {**written, **self.save_adapters(out, model_cfg, state, base_model)}
+
+    def save_adapters(self, out: pathlib.Path, model_cfg: models.ModelConfig, state: TrainState,
+                      base_model: str | None = None) -> dict:
+        """With LoRA, ``out/peft/`` in PEFT's format (``peft.PeftModel.from_pretrained(base, out/"peft")``)
+        where the family allows it (``lora.PEFT_FAMILIES``); ``{"peft": path}`` or ``{}``."""
+        if not self.lora_cfg.enabled:
+            return {}
+        if model_cfg.model_type not in lora.PEFT_FAMILIES:
+            print(f"[lora] no PEFT export for a {model_cfg.model_type} model (fused q/k/v); merged export in "
+                  f"{out / 'hf'}", flush=True)
+            return {}
+        lora.save_peft(out / "peft", model_cfg, self.lora_cfg, lora.get_path(state.params, self.lm_path),
+                       base_model=base_model)
+        return {"peft": str(out / "peft")}
 
 
 # --- Data ---------------------------------------------------------------------------------------
