@@ -80,7 +80,7 @@ def _main(cfg: DPOConfig):
     optimizer = make_optimizer(optim_cfg)
     trainable = workflow.Trainable.create(cfg.lora, model_cfg, reference_path=None if reference_free else ())
     state = trainable.place(model_cfg, params, axes, optimizer, mesh, rules, frozen=None if reference_free else params,
-                            frozen_axes=None if reference_free else axes)
+                            frozen_axes=None if reference_free else axes, donate=True)
     del params
     memory.release_freed_host_memory()  # the host copies placed on the devices
     state_sh = shardings_of(state)

@@ -144,7 +144,8 @@ def _main(cfg: PPOConfig):
     # with LoRA the reference is the frozen base (adapter off) unless --reference names another model
     trainable = workflow.Trainable.create(cfg.lora, model_cfg, lm_path=("policy",),
                                           reference_path=("reference",) if cfg.reference is None else None)
-    state = trainable.place(model_cfg, params, param_axes, optimizer, mesh, rules, frozen=frozen, frozen_axes=frozen_axes)
+    state = trainable.place(model_cfg, params, param_axes, optimizer, mesh, rules, frozen=frozen, frozen_axes=frozen_axes,
+                            donate=True)
     del params, frozen, sft_params, ref_params, rm_params
     memory.release_freed_host_memory()  # the host copies placed on the devices
     state_sh = shardings_of(state)

@@ -79,7 +79,7 @@ def _main(cfg: RewardConfig):
     optim_cfg = workflow.optimizer_for(cfg.optim, cfg.steps)
     optimizer = make_optimizer(optim_cfg)
     trainable = workflow.Trainable.create(cfg.lora, model_cfg, lm_path=("backbone",))
-    state = trainable.place(model_cfg, params, axes, optimizer, mesh, rules)
+    state = trainable.place(model_cfg, params, axes, optimizer, mesh, rules, donate=True)
     del params, backbone
     memory.release_freed_host_memory()  # the host copies placed on the devices
     state_sh = shardings_of(state)
@@ -110,7 +110,7 @@ def _main(cfg: RewardConfig):
         rm_params = {**rm_params, "head": workflow.fold_normalization(rm_params["head"], gain, bias)}
         result.update(raw_score_mean=float(scores.mean()), raw_score_std=float(scores.std()), gain=gain, bias=bias)
     out = workflow.stage_dir(cfg.run, "rm")
-    workflow.save_reward_model(out / "hf", model_cfg, {**rm_params, "backbone": trainable.merged_lm(state)}, tokenizer)
+    workflow.save_reward_model(out / "hf", model_cfg, {**rm_params, "backbone": trainable.merged_lm(state, deferred=True)}, tokenizer)
     result["hf"] = str(out / "hf")
     result.update(trainable.save_adapters(out, model_cfg, state, base_model=sft_path))
     workflow.write_json(out / "eval.json", result)

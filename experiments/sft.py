@@ -75,7 +75,7 @@ def _main(cfg: SFTConfig):
         state = create_train_state(lambda: models.init_params(model_cfg, jax.random.key(cfg.run.seed)),
                                    optimizer, mesh, rules, axes)
     else:
-        state = trainable.place(model_cfg, params, axes, optimizer, mesh, rules)
+        state = trainable.place(model_cfg, params, axes, optimizer, mesh, rules, donate=True)
     del params
     memory.release_freed_host_memory()  # the host copies placed on the devices
     state_sh = shardings_of(state)

@@ -51,15 +51,14 @@ def make_checkpoint_manager(cfg: CheckpointConfig) -> ocp.CheckpointManager:
 
 
 @jax.jit
-def _leaf_sums(tree: Any) -> Any:
-    """Two position-weighted uint32 sums of every leaf's bits (a fingerprint, on device)."""
-    def sums(x):
-        bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize])
-        u = bits.astype(jnp.uint32).reshape(-1)
-        i = jnp.arange(u.size, dtype=jnp.uint32)
-        return jnp.stack([jnp.sum(u * (2 * i + 1), dtype=jnp.uint32), jnp.sum(u ^ (i * jnp.uint32(2654435761)),
-                                                                              dtype=jnp.uint32)])
-    return jax.tree.map(sums, tree)
+def _leaf_sums(x: jax.Array) -> jax.Array:
+    """Two position-weighted uint32 sums of one leaf's bits (a fingerprint, on device). One leaf per
+    call: a program over the whole tree would hold uint32 temporaries of several leaves at once."""
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize])
+    u = bits.astype(jnp.uint32).reshape(-1)
+    i = jnp.arange(u.size, dtype=jnp.uint32)
+    return jnp.stack([jnp.sum(u * (2 * i + 1), dtype=jnp.uint32), jnp.sum(u ^ (i * jnp.uint32(2654435761)),
+                                                                          dtype=jnp.uint32)])
 
 
 def fingerprints(frozen: Any) -> dict[str, str]:
@@ -71,8 +70,8 @@ def fingerprints(frozen: Any) -> dict[str, str]:
     for name in sorted(frozen):
         tree = frozen[name]
         digest = hashlib.sha256()
-        sums = jax.device_get(_leaf_sums(tree))
-        for (path, leaf), s in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(sums)):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            s = jax.device_get(_leaf_sums(leaf))
             digest.update(f"{jax.tree_util.keystr(path)}:{tuple(leaf.shape)}:{leaf.dtype}:{int(s[0])}:{int(s[1])};".encode())
         found[str(name)] = digest.hexdigest()[:16]
     return found
@@ -167,8 +166,10 @@ def restore(manager: ocp.CheckpointManager, abstract_state: TrainState, step: in
 def export_hf(path: str | os.PathLike, model_cfg: models.ModelConfig, params: Any) -> None:
     """Write ``params`` as a Hugging Face checkpoint (``models.save_pretrained``) from process 0.
 
-    Sharded arrays are gathered to every host first (collective: all processes must call this).
+    One leaf at a time is gathered to every host (collective: all processes must call this) and
+    written, so no process holds a second copy of the model.
     """
-    host_params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
-    if jax.process_index() == 0:
-        models.save_pretrained(path, model_cfg, host_params)
+    def fetch(leaf):
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+    models.save_pretrained(path, model_cfg, params, fetch=fetch, write=jax.process_index() == 0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 
 # --- Optimisation, mesh, checkpointing -------------------------------------------------------
@@ -32,6 +33,9 @@ class OptimizerConfig:
     """Clip gradients to this global L2 norm; None disables clipping."""
     grad_accum_steps: int = 1
     """Micro-batches averaged per optimizer update (optax.MultiSteps); each step call is one micro-batch."""
+    state_dtype: Literal["float32", "param"] = "float32"
+    """Adam moments (and accumulated gradients) in float32 whatever the parameter dtype (bfloat16 parameters
+    with float32 optimizer state), or in each parameter's own dtype."""
 
     def __post_init__(self):
         if self.learning_rate is not None and self.learning_rate < 0:

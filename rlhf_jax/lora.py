@@ -33,6 +33,7 @@ here and checked against peft itself in ``tests/test_lora.py``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -45,6 +46,7 @@ import numpy as np
 from flax import traverse_util
 
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.hf_io import Deferred
 from rlhf_jax.models.params import Params, ParamSpec, param_specs
 
 TARGETS: dict[str, str] = {"q": "attn/q", "k": "attn/k", "v": "attn/v", "o": "attn/o",
@@ -193,15 +195,29 @@ def delta(ab: Params, scale: float) -> jax.Array:
     return scale * (a.reshape(L, -1, r) @ b.reshape(L, r, -1)).reshape(*a.shape[:-1], *b.shape[2:])
 
 
-def merge(base: Params, adapters: Params, lora_cfg: LoraConfig) -> Params:
+def merge(base: Params, adapters: Params, lora_cfg: LoraConfig, *, deferred: bool = False) -> Params:
     """The base with every adapted kernel replaced by ``W + (α/r)·A·B`` (float32 sum, base dtype):
-    for export, and for decoding loops that should not pay the two extra matmuls."""
+    for export, and for decoding loops that should not pay the two extra matmuls.
+
+    ``deferred``: each merged kernel is a ``models.hf_io.Deferred`` computed only when the export fetches it,
+    so writing a Hugging Face checkpoint never holds a merged copy of the model beside the base."""
     layers = {g: dict(v) for g, v in base["layers"].items()}
     for group, name, ab in _adapted(adapters):
         p = layers[group][name]
-        kernel = (p["kernel"].astype(jnp.float32) + delta(ab, lora_cfg.scale)).astype(p["kernel"].dtype)
-        layers[group][name] = {**p, "kernel": kernel}
+        kernel = functools.partial(_merged_kernel, p["kernel"], ab, lora_cfg.scale)
+        layers[group][name] = {**p, "kernel": Deferred(kernel, p["kernel"].shape, p["kernel"].dtype)
+                               if deferred else kernel()}
     return {**base, "layers": layers}
+
+
+@jax.jit
+def _merged_kernel_jit(kernel: jax.Array, ab: Params, scale: jax.Array) -> jax.Array:
+    return (kernel.astype(jnp.float32) + delta(ab, scale)).astype(kernel.dtype)
+
+
+def _merged_kernel(kernel: jax.Array, ab: Params, scale: float) -> jax.Array:
+    """``W + (α/r)·A·B`` in one compiled program (no float32 temporaries beyond the result's)."""
+    return _merged_kernel_jit(kernel, ab, jnp.float32(scale))
 
 
 # --- Train-state layout ---------------------------------------------------------------------------

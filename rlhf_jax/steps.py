@@ -371,18 +371,23 @@ def make_ppo_step(model_cfg: models.ModelConfig, optimizer: optax.GradientTransf
         if rows % num_minibatches:
             raise ValueError(f"PPO batch of {rows} rows does not split into {num_minibatches} minibatches")
 
-        def minibatch(state: TrainState, idx_M: jax.Array) -> tuple[TrainState, Metrics]:
+        # the frozen trees (reference, reward model) are read by every minibatch but never change: they stay
+        # out of the scans' carry, which XLA would otherwise copy into the loops' buffers
+        frozen = state.frozen
+
+        def minibatch(carry: TrainState, idx_M: jax.Array) -> tuple[TrainState, Metrics]:
             mb = jax.tree.map(lambda x: with_logical_constraint(x[idx_M], ("batch",) + (None,) * (x.ndim - 1),
                                                                 mesh, rules), batch)
-            return _apply_objective(objective, optimizer, state, mb, view)
+            new, metrics = _apply_objective(objective, optimizer, carry.replace(frozen=frozen), mb, view)
+            return new.replace(frozen={}), metrics
 
-        def epoch(state: TrainState, key: jax.Array) -> tuple[TrainState, Metrics]:
+        def epoch(carry: TrainState, key: jax.Array) -> tuple[TrainState, Metrics]:
             idx_NM = jax.random.permutation(key, rows).reshape(num_minibatches, rows // num_minibatches)
-            state, metrics = jax.lax.scan(minibatch, state, idx_NM)
-            return state, sum_over_leading_axis(metrics)
+            carry, metrics = jax.lax.scan(minibatch, carry, idx_NM)
+            return carry, sum_over_leading_axis(metrics)
 
-        state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, epochs))
-        return state, sum_over_leading_axis(metrics)
+        carry, metrics = jax.lax.scan(epoch, state.replace(frozen={}), jax.random.split(key, epochs))
+        return carry.replace(frozen=frozen), sum_over_leading_axis(metrics)
 
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh, rules), replicated(mesh)),
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)

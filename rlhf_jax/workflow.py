@@ -230,13 +230,14 @@ class Trainable:
         return lora.view(self.lora_cfg, lm_path=self.lm_path, reference_path=self.reference_path)
 
     def place(self, model_cfg: models.ModelConfig, params: Any, axes: Any, optimizer, mesh, rules, *,
-              frozen: Any = None, frozen_axes: Any = None) -> TrainState:
+              frozen: Any = None, frozen_axes: Any = None, donate: bool = False) -> TrainState:
         """The sharded state: ``params`` (the stage's full layout, LM at ``lm_path``) and ``frozen``
         as given; with LoRA the LM at ``lm_path`` becomes fresh (or loaded) adapters, the LM itself goes
         to ``frozen[lora.BASE]`` (held once), and the reference at ``reference_path`` is dropped (the
         base is the reference)."""
         if not self.lora_cfg.enabled:
-            return place_train_state(params, optimizer, mesh, rules, axes, frozen=frozen, frozen_axes=frozen_axes)
+            return place_train_state(params, optimizer, mesh, rules, axes, frozen=frozen, frozen_axes=frozen_axes,
+                                     donate=donate)
         lora_cfg = self.lora_cfg
         adapters = self.initial_adapters if self.initial_adapters is not None else lora.init_adapters(model_cfg, lora_cfg)
         base = lora.get_path(params, self.lm_path)
@@ -250,7 +251,7 @@ class Trainable:
         frozen = {**frozen, lora.BASE: base}
         frozen_axes = {**frozen_axes, lora.BASE: lora.get_path(axes, self.lm_path)}
         return place_train_state(trainable, optimizer, mesh, rules, trainable_axes, frozen=frozen,
-                                 frozen_axes=frozen_axes)
+                                 frozen_axes=frozen_axes, donate=donate)
 
     def lm(self, state: TrainState) -> Any:
         """The trained LM's parameters (with LoRA: the base with the adapters attached, no merged copy)."""
@@ -270,16 +271,18 @@ class Trainable:
         """The stage's params in their full layout (LM attached at ``lm_path``: reward-model scoring)."""
         return state.params if not self.lora_cfg.enabled else lora.set_path(state.params, self.lm_path, self.lm(state))
 
-    def merged_lm(self, state: TrainState) -> Any:
-        """The LM with the adapters merged into its kernels (for export)."""
+    def merged_lm(self, state: TrainState, *, deferred: bool = False) -> Any:
+        """The LM with the adapters merged into its kernels (``deferred``: computed one kernel at a time
+        as an export writes them, see ``lora.merge``)."""
         if not self.lora_cfg.enabled:
             return lora.get_path(state.params, self.lm_path)
-        return lora.merge(state.frozen[lora.BASE], lora.get_path(state.params, self.lm_path), self.lora_cfg)
+        return lora.merge(state.frozen[lora.BASE], lora.get_path(state.params, self.lm_path), self.lora_cfg,
+                          deferred=deferred)
 
     def export(self, out: pathlib.Path, model_cfg: models.ModelConfig, state: TrainState, tokenizer: Any,
                base_model: str | None = None) -> dict:
         """``out/hf/`` (merged, loads in transformers) and, with LoRA, the adapters (:meth:`save_adapters`)."""
-        written = {"hf": str(export_lm(out / "hf", model_cfg, self.merged_lm(state), tokenizer))}
+        written = {"hf": str(export_lm(out / "hf", model_cfg, self.merged_lm(state, deferred=True), tokenizer))}
         return {**written, **self.save_adapters(out, model_cfg, state, base_model)}
 
     def save_adapters(self, out: pathlib.Path, model_cfg: models.ModelConfig, state: TrainState,

@@ -259,6 +259,9 @@ def test_our_peft_directory_loads_in_peft_with_our_logits(tiny_llama, tmp_path):
     # and our merged export in plain transformers
     models.save_pretrained(tmp_path / "merged", cfg, lora.merge(params, adapters, lora_cfg))
     assert _rel(ours, hf_logits(load_hf_model(tmp_path / "merged"), ids, mask), mask) < 1e-5
+    # the deferred merge (what the scripts export: one kernel merged at a time) writes the same bytes
+    models.save_pretrained(tmp_path / "deferred", cfg, lora.merge(params, adapters, lora_cfg, deferred=True))
+    assert (tmp_path / "deferred" / "model.safetensors").read_bytes() == (tmp_path / "merged" / "model.safetensors").read_bytes()
     # load_peft gives back the same adapters
     cfg_back, adapters_back = lora.load_peft(tmp_path / "peft", cfg)
     assert (cfg_back.rank, cfg_back.alpha, set(lora.target_names(cfg, cfg_back))) == (4, 12.0, set(lora.TARGETS))

@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from hf_fixtures import VOCAB, hf_logits, load_hf_model, make_tiny_checkpoint
 from rlhf_jax import models
+from rlhf_jax.models import hf_io
 
 CASES = {
     "llama_untied_gqa": ("llama", {}),
@@ -92,6 +93,30 @@ def test_save_pretrained_writes_the_same_tensors_and_config(ckpt, name, tmp_path
     assert models.load_pretrained(out)[0] == cfg
     meta = json.loads((out / "config.json").read_text())
     assert meta["model_type"] == cfg.model_type
+
+
+def test_streamed_safetensors_read_back_by_safetensors(tmp_path):
+    """write_safetensors (one tensor in memory at a time) against the safetensors library's own reader,
+    bfloat16 included; a tensor that does not match its header entry is refused and no file is left."""
+    import ml_dtypes
+    from safetensors import safe_open
+
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.normal(size=(3, 5)).astype(np.float32), "b.bf16": rng.normal(size=(7,)).astype(ml_dtypes.bfloat16),
+              "c": rng.normal(size=(2, 2, 3)).astype(np.float16), "d": np.arange(5, dtype=np.int32)}
+    header = [(k, v.shape, v.dtype) for k, v in arrays.items()]
+    hf_io.write_safetensors(tmp_path / "x.safetensors", header, iter(arrays.items()), metadata={"format": "pt"})
+    with safe_open(tmp_path / "x.safetensors", framework="flax") as f:
+        assert f.metadata() == {"format": "pt"} and sorted(f.keys()) == sorted(arrays)
+        for k, v in arrays.items():
+            got = np.asarray(f.get_tensor(k))
+            assert got.dtype == v.dtype and got.shape == v.shape
+            np.testing.assert_array_equal(got, v, err_msg=k)
+    wrong = [("a", (3, 5), np.dtype(np.float32)), ("b", (4,), np.dtype(np.float32))]
+    with pytest.raises(AssertionError, match=r"tensor 'b' \(3,\) float32 arrived where the header has 'b' \(4,\)"):
+        hf_io.write_safetensors(tmp_path / "y.safetensors", wrong,
+                                iter([("a", arrays["a"]), ("b", np.zeros(3, np.float32))]))
+    assert not list(tmp_path.glob("y.safetensors*"))
 
 
 def test_model_trained_from_scratch_exports_to_transformers(tmp_path):

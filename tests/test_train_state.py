@@ -123,3 +123,44 @@ def test_optimizer_config_is_validated():
         OptimizerConfig(warmup_steps=10, total_steps=10)
     with pytest.raises(ValueError, match="grad_accum_steps"):
         OptimizerConfig(grad_accum_steps=0)
+
+
+def test_bfloat16_parameters_keep_float32_optimizer_state():
+    """``state_dtype="float32"`` (the default): bfloat16 parameters, float32 Adam moments that follow
+    the published recursion m ← b1·m + (1−b1)·g, v ← b2·v + (1−b2)·g² (a plain loop here), updates in
+    bfloat16; ``state_dtype="param"`` keeps bfloat16 moments, whose v stalls; float32 parameters get
+    optax's own AdamW bit for bit; the sharded placement (with accumulation) works on bfloat16."""
+    b1, b2, lr, g = 0.9, 0.999, 1e-3, 0.37
+    cfg = OptimizerConfig(learning_rate=lr, total_steps=100, b1=b1, b2=b2, max_grad_norm=None)
+    params = {"w": jnp.full((4, 3), 0.5, jnp.bfloat16)}
+    grads = {"w": jnp.full((4, 3), g, jnp.bfloat16)}
+    moments = {}
+    for dtype in ("float32", "param"):
+        tx = make_optimizer(dataclasses.replace(cfg, state_dtype=dtype))
+        state, update = tx.init(params), jax.jit(tx.update)
+        for _ in range(2000):
+            updates, state = update(grads, state, params)
+        assert updates["w"].dtype == jnp.bfloat16
+        moments[dtype] = state[0]
+    m, v = 0.0, 0.0
+    g_bf16 = float(jnp.bfloat16(g))
+    for _ in range(2000):
+        m, v = b1 * m + (1 - b1) * g_bf16, b2 * v + (1 - b2) * g_bf16 ** 2
+    assert moments["float32"].mu["w"].dtype == moments["float32"].nu["w"].dtype == jnp.float32
+    np.testing.assert_allclose(moments["float32"].mu["w"], m, rtol=1e-5)
+    np.testing.assert_allclose(moments["float32"].nu["w"], v, rtol=1e-5)
+    assert moments["param"].nu["w"].dtype == jnp.bfloat16
+    assert float(moments["param"].nu["w"][0, 0]) < 0.6 * v  # bfloat16's v stalled (~g²/3 instead of 0.86·g²)
+    # float32 parameters: the wrapper is the identity
+    p32, g32 = _toy(), jax.tree.map(lambda p: jnp.linspace(-1.0, 2.0, p.size).reshape(p.shape), _toy())
+    tx, plain = make_optimizer(dataclasses.replace(cfg, weight_decay=0.1)), optax.adamw(
+        make_schedule(cfg), b1=b1, b2=b2, eps=cfg.eps, weight_decay=0.1, mask=lambda t: jax.tree.map(lambda x: x.ndim >= 2, t))
+    (u, _), (u_plain, _) = tx.update(g32, tx.init(p32), p32), plain.update(g32, plain.init(p32), p32)
+    jax.tree.map(np.testing.assert_array_equal, u, u_plain)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+    tx = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=10, grad_accum_steps=2))
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), jax.device_get(_init()))
+    state = place_train_state(bf16, tx, mesh, DEFAULT_RULES, AXES)
+    nu = state.opt_state.inner_opt_state[1][0].nu["layers"]["mlp"]["up"]["kernel"]
+    assert nu.dtype == jnp.float32 and nu.sharding == state.params["layers"]["mlp"]["up"]["kernel"].sharding
+    assert state.params["layers"]["mlp"]["up"]["kernel"].dtype == jnp.bfloat16

@@ -18,7 +18,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from flax import traverse_util
 from safetensors import safe_open
 
@@ -224,23 +223,24 @@ def _params_from(cfg: ModelConfig, reader: Any, path: pathlib.Path, np_dtype: np
     Hugging Face tensor names) through the tensor table; every tensor is used or it is an error."""
     flat: dict[str, Any] = {}
     for t in _tensor_table(cfg):
+        # one tensor (all its layers) at a time onto the device, its host copies dropped right away: the
+        # load holds about one copy of the weights, not two
         parts = [t.to_ours(reader.read(name, t.shape, np_dtype)) for name in _names(t, cfg)]
         for j, leaf in enumerate(t.paths):
-            flat[leaf] = np.stack([p[j] for p in parts]) if "{i}" in t.name else parts[0][j]
+            flat[leaf] = jnp.asarray(np.stack([p[j] for p in parts]) if "{i}" in t.name else parts[0][j])
+        del parts
     head = _output_head_name(cfg)
     if cfg.tie_embeddings and reader.has(head):
         # A tied checkpoint may still store the head; accept it only if it is the embedding.
         V, D = cfg.vocab_size, cfg.d_model
-        if not np.array_equal(reader.read(head, (V, D), np_dtype), flat["embed/embedding"]):
+        if not np.array_equal(reader.read(head, (V, D), np_dtype), np.asarray(flat["embed/embedding"])):
             raise ValueError(f"{path}: config.json ties the embeddings but tensor {head!r} differs from the embedding")
     unused = reader.unused()
     if unused:
         raise ValueError(f"{path}: {len(unused)} tensors are not used by this {cfg.model_type} config "
                          f"(first: {unused[:5]}); refusing to drop them")
     _check_specs(cfg, flat)
-    # one leaf at a time onto the device, dropping its host copy right away: the load peaks at about one
-    # copy of the weights, not two
-    return traverse_util.unflatten_dict({k: jnp.asarray(flat.pop(k)) for k in list(flat)}, sep="/")
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _check_specs(cfg: ModelConfig, flat: dict[str, Any]) -> None:
@@ -257,22 +257,92 @@ def _check_specs(cfg: ModelConfig, flat: dict[str, Any]) -> None:
 # Saving
 
 
-def save_pretrained(path: str | pathlib.Path, cfg: ModelConfig, params: Params) -> pathlib.Path:
+def save_pretrained(path: str | pathlib.Path, cfg: ModelConfig, params: Params, *,
+                    fetch: Callable[[Any], np.ndarray] = np.asarray, write: bool = True) -> pathlib.Path:
     """Write ``config.json`` + ``model.safetensors`` (metadata ``{"format": "pt"}``) that
-    ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads with the same logits."""
+    ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads with the same logits.
+
+    The file is streamed one tensor at a time (:func:`write_safetensors`): the host holds one leaf
+    (all its layers) at a time, never a second copy of the model. ``fetch(leaf)`` brings one leaf to
+    the host (default ``np.asarray``; ``checkpoint.export_hf`` gathers sharded leaves); a leaf may
+    also be a :class:`Deferred` (computed when fetched: a LoRA merge). ``write=False`` fetches every
+    leaf in the same order and writes nothing (the other processes of a multi-host export).
+    """
     path = pathlib.Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+    flat = traverse_util.flatten_dict(params, sep="/")
     _check_specs(cfg, flat)
-    tensors: dict[str, np.ndarray] = {}
-    for t in _tensor_table(cfg):
-        for i, name in enumerate(_names(t, cfg)):
-            leaves = [flat[p][i] if "{i}" in t.name else flat[p] for p in t.paths]
-            tensors[name] = np.ascontiguousarray(t.to_hf(*leaves))
-    dtype = flat["embed/embedding"].dtype
+    table = _tensor_table(cfg)
+    dtype = np.dtype(flat["embed/embedding"].dtype)
+    header = [(name, t.shape, np.dtype(flat[t.paths[0]].dtype)) for t in table for name in _names(t, cfg)]
+
+    def tensors():
+        for t in table:
+            host = [fetch(leaf() if isinstance(leaf, Deferred) else leaf) for leaf in (flat[p] for p in t.paths)]
+            for i, name in enumerate(_names(t, cfg)):
+                yield name, t.to_hf(*[h[i] if "{i}" in t.name else h for h in host])
+            del host
+
+    if not write:
+        for _ in tensors():
+            pass
+        return path
+    path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg.to_hf_config(dtype=dtype), indent=2) + "\n")
-    safetensors.numpy.save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(path / "model.safetensors", header, tensors(), metadata={"format": "pt"})
     return path
+
+
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+    """A leaf computed only when :func:`save_pretrained` fetches it (``fn()``), with its shape and dtype
+    known up front: the export holds one such array at a time instead of a whole computed tree."""
+
+    fn: Callable[[], Any]
+    shape: tuple[int, ...]
+    dtype: Any
+
+    def __call__(self) -> Any:
+        return self.fn()
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+                       "int32": "I32", "int64": "I64", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(file: pathlib.Path, header: list[tuple[str, tuple[int, ...], np.dtype]],
+                      tensors: Any, metadata: dict[str, str] | None = None) -> None:
+    """Stream ``tensors`` (``(name, array)`` in ``header``'s order) into one safetensors file.
+
+    The format (https://github.com/huggingface/safetensors#format): an 8-byte little-endian header
+    length, a JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__"}``
+    (padded with spaces to a multiple of 8), then the tensors' bytes, C order, in offset order.
+    ``safetensors.numpy.save_file`` needs every array in memory at once; this needs one.
+    """
+    entries, offset = {}, 0
+    for name, shape, dtype in header:
+        if name in entries:
+            raise ValueError(f"{file}: tensor {name!r} listed twice")
+        size = math.prod(shape) * dtype.itemsize
+        entries[name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(shape),
+                         "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps({**({"__metadata__": metadata} if metadata else {}), **entries}, separators=(",", ":"))
+    blob = blob.encode() + b" " * (-len(blob.encode()) % 8)
+    tmp = file.with_name(file.name + ".partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for (name, shape, dtype), (got, array) in zip(header, tensors, strict=True):
+                array = np.ascontiguousarray(array)
+                if got != name or tuple(array.shape) != tuple(shape) or array.dtype != dtype:
+                    raise AssertionError(f"{file}: tensor {got!r} {array.shape} {array.dtype} arrived where the "
+                                         f"header has {name!r} {tuple(shape)} {dtype}")
+                f.write(array.reshape(-1).view(np.uint8).data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(file)  # a crash mid-write never leaves a truncated model.safetensors behind
 
 
 def check_tokenizer(cfg: ModelConfig, tokenizer: Any, *, source: str = "tokenizer") -> None:
