@@ -41,7 +41,43 @@ class TrainState:
     def apply_gradients(self, grads: Params, optimizer: optax.GradientTransformation) -> "TrainState":
         """One optimizer call (an update, or one accumulation micro-step under ``optax.MultiSteps``)."""
         updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
-        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state)
+        key = jax.random.fold_in(jax.random.key(ROUNDING_SEED), self.step)  # resumes round as the run would have
+        params = apply_updates(self.params, updates, key)
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
+
+
+ROUNDING_SEED = 0x5EED
+"""Seed of the stochastic rounding of 16-bit parameters (:func:`apply_updates`), folded with the step."""
+
+
+def apply_updates(params: Params, updates: Params, key: jax.Array) -> Params:
+    """``p + u`` for every leaf, summed in the wider of the two dtypes. A sum that must narrow to a
+    16-bit float parameter (bfloat16 parameters, float32 updates from :func:`float32_state`) is
+    *stochastically* rounded to bfloat16 (:func:`stochastic_round`, one key per leaf): rounding to
+    nearest would drop every update below half a bfloat16 step (2⁻⁹ of the weight), which at RLHF
+    learning rates is nearly all of them. Equal dtypes: exactly ``optax.apply_updates``."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+
+    def one(p, u, k):
+        total = p + u
+        return total if total.dtype == p.dtype else stochastic_round(total, p.dtype, k)
+
+    return jax.tree.unflatten(treedef, [one(p, u, k) for p, u, k in zip(leaves, treedef.flatten_up_to(updates), keys)])
+
+
+def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
+    """float32 ``x`` to bfloat16 rounded up or down at random, up with probability equal to the
+    fraction of a bfloat16 step that ``x`` lies above the value below it, so ``E[round(x)] = x``
+    (Gupta et al. 2015; pure-bf16 training in Zamirai et al. 2020). bfloat16 is float32's upper 16 bits:
+    adding 16 uniform random bits to the lower half and truncating does exactly this. Any other
+    ``dtype`` (float16, which is not a prefix of float32) is rounded to nearest."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return x.astype(dtype)
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16
+    rounded = jax.lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), jnp.float32)
+    return jnp.where(jnp.isfinite(x), rounded, x).astype(jnp.bfloat16)
 
 
 def _is_matrix(params: Params) -> Params:
@@ -79,7 +115,8 @@ def _to_float32(tree: Any) -> Any:
 def float32_state(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """``tx`` run in float32 on parameters of any float dtype: its state (Adam's m and v, accumulated
     gradients) is created from float32 parameters, gradients and parameters enter it as float32, and its
-    updates leave it in each parameter's dtype. On float32 parameters it is ``tx`` itself, bit for bit.
+    updates stay float32 (:func:`apply_updates` adds them to bfloat16 parameters with stochastic
+    rounding). On float32 parameters it is ``tx`` itself, bit for bit.
 
     With bfloat16 parameters this halves parameter memory while the moments keep float32 precision: a
     bfloat16 moment has 8 significant bits, so any change to its running average below 1/256 of its
@@ -89,9 +126,7 @@ def float32_state(tx: optax.GradientTransformation) -> optax.GradientTransformat
         return tx.init(_to_float32(params))
 
     def update(grads, state, params=None):
-        updates, state = tx.update(_to_float32(grads), state, None if params is None else _to_float32(params))
-        like = grads if params is None else params
-        return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, like), state
+        return tx.update(_to_float32(grads), state, None if params is None else _to_float32(params))
 
     return optax.GradientTransformation(init, update)
 

@@ -140,7 +140,7 @@ def test_bfloat16_parameters_keep_float32_optimizer_state():
         state, update = tx.init(params), jax.jit(tx.update)
         for _ in range(2000):
             updates, state = update(grads, state, params)
-        assert updates["w"].dtype == jnp.bfloat16
+        assert updates["w"].dtype == (jnp.float32 if dtype == "float32" else jnp.bfloat16)
         moments[dtype] = state[0]
     m, v = 0.0, 0.0
     g_bf16 = float(jnp.bfloat16(g))
@@ -164,3 +164,36 @@ def test_bfloat16_parameters_keep_float32_optimizer_state():
     nu = state.opt_state.inner_opt_state[1][0].nu["layers"]["mlp"]["up"]["kernel"]
     assert nu.dtype == jnp.float32 and nu.sharding == state.params["layers"]["mlp"]["up"]["kernel"].sharding
     assert state.params["layers"]["mlp"]["up"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_bfloat16_parameters_take_updates_below_their_rounding_step():
+    """Updates far below half a bfloat16 step (1e-4 on weights of 1: the step is 2^-7) vanish under
+    round-to-nearest and accumulate in expectation under stochastic rounding; the rounding is unbiased
+    (mean over 65,536 weights), never moves a value by more than one step, depends only on the state's
+    step (a resumed run rounds the same), and float32 parameters are untouched by it."""
+    from rlhf_jax.train_state import TrainState, apply_updates, stochastic_round
+
+    n, u, steps = 1 << 16, 1e-4, 200
+    params = {"w": jnp.ones((n,), jnp.bfloat16)}
+    tx = optax.sgd(1.0)  # update = -grad: u per step exactly
+    grads = {"w": jnp.full((n,), -u, jnp.float32)}
+
+    @jax.jit
+    def run(params):
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), frozen={})
+        return jax.lax.fori_loop(0, steps, lambda _, s: s.apply_gradients(grads, tx), state)
+
+    nearest = jax.tree.map(lambda p, g: (p - g.astype(p.dtype)), params, grads)  # bf16 + bf16: rounds to nearest
+    assert float(nearest["w"][0]) == 1.0  # one update already vanishes
+    w = np.asarray(run(params).params["w"], np.float64)
+    np.testing.assert_allclose(w.mean(), 1.0 + steps * u, atol=4e-4)  # E = 1.02; sd of the mean ~2e-5
+    x = jnp.linspace(1.0, 2.0, n, dtype=jnp.float32)
+    r = np.asarray(stochastic_round(x, jnp.bfloat16, jax.random.key(1)), np.float64)
+    lo = np.asarray(x.astype(jnp.bfloat16), np.float64)
+    assert np.all(np.abs(r - np.asarray(x)) < 2 ** -7) and abs((r - np.asarray(x)).mean()) < 2e-5
+    assert not np.array_equal(r, lo)  # not round-to-nearest
+    key = jax.random.key(3)
+    p32 = {"a": jnp.arange(4.0)}
+    np.testing.assert_array_equal(apply_updates(p32, {"a": jnp.full((4,), 0.1)}, key)["a"], jnp.arange(4.0) + 0.1)
+    same = [apply_updates(params, grads, key)["w"] for _ in range(2)]
+    np.testing.assert_array_equal(*same)
