@@ -121,3 +121,14 @@ def test_a_checkpoint_with_frozen_trees_inside_still_restores(tmp_path):
     manager.wait_until_finished()
     restored = checkpoint.restore(manager, _abstract(fresh()))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.state), jax.device_get(state))
+
+
+def test_fingerprint_sums_agree_on_host_and_device():
+    """The host path (NumPy on the CPU buffer, a slice at a time) and the device path (jitted slices of
+    rows) compute the same sums, over a chunk boundary, for float32, bfloat16, int32 and uint8 leaves."""
+    rng = np.random.default_rng(0)
+    leaves = [jnp.asarray(rng.normal(size=(3, (1 << 20) + 5)), jnp.float32),
+              jnp.asarray(rng.normal(size=(70, 33)), jnp.bfloat16), jnp.arange(12, dtype=jnp.int32).reshape(3, 4),
+              jnp.asarray(rng.integers(0, 255, size=(9,)), jnp.uint8), jnp.float32(3.5)]
+    for leaf in leaves:
+        assert checkpoint._fingerprint_sums(leaf, host=True) == checkpoint._fingerprint_sums(leaf, host=False), leaf.dtype
