@@ -114,7 +114,7 @@ def _to_float32(tree: Any) -> Any:
 
 def float32_state(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """``tx`` run in float32 on parameters of any float dtype: its state (Adam's m and v, accumulated
-    gradients) is created from float32 parameters, gradients and parameters enter it as float32, and its
+    gradients) is created from float32 parameters, gradients enter it as float32, and its
     updates stay float32 (:func:`apply_updates` adds them to bfloat16 parameters with stochastic
     rounding). On float32 parameters it is ``tx`` itself, bit for bit.
 
@@ -126,7 +126,9 @@ def float32_state(tx: optax.GradientTransformation) -> optax.GradientTransformat
         return tx.init(_to_float32(params))
 
     def update(grads, state, params=None):
-        return tx.update(_to_float32(grads), state, None if params is None else _to_float32(params))
+        # params go in as they are: only weight decay reads them (λ·p, promoted against the float32 update),
+        # and a float32 copy of every weight would cost as much memory as the moments
+        return tx.update(_to_float32(grads), state, params)
 
     return optax.GradientTransformation(init, update)
 
