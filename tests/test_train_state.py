@@ -197,3 +197,22 @@ def test_bfloat16_parameters_take_updates_below_their_rounding_step():
     np.testing.assert_array_equal(apply_updates(p32, {"a": jnp.full((4,), 0.1)}, key)["a"], jnp.arange(4.0) + 0.1)
     same = [apply_updates(params, grads, key)["w"] for _ in range(2)]
     np.testing.assert_array_equal(*same)
+
+
+def test_donated_placement_takes_loaded_arrays_without_a_copy():
+    """``place_train_state(donate=True)`` on one device: a loaded device array becomes the state's leaf
+    with its own buffer (no copy); the same tree passed again as the reference is copied (a donated
+    state never holds one buffer twice); host arrays are copied as without ``donate``."""
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1), devices=jax.devices()[:1])
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=10))
+    loaded = jax.device_put(_init(), jax.devices()[0])
+    pointers = {jax.tree_util.keystr(p): x.unsafe_buffer_pointer() for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
+    state = place_train_state(loaded, optimizer, mesh, DEFAULT_RULES, AXES, frozen=loaded, frozen_axes=AXES, donate=True)
+    got = {jax.tree_util.keystr(p): x.unsafe_buffer_pointer() for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+    assert got == pointers  # the policy took the loaded buffers
+    _assert_no_shared_buffers(state)  # the reference did not
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), jax.device_get(state.params))
+    host = jax.device_get(_init())
+    state = place_train_state(host, optimizer, mesh, DEFAULT_RULES, AXES, donate=True)
+    _assert_no_shared_buffers(state)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), host)
