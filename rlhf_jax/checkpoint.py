@@ -90,7 +90,7 @@ def _fingerprint_sums(leaf: jax.Array, host: bool | None = None) -> tuple[int, i
         parts = (leaf[j:j + rows] for j in range(0, leaf.shape[0], rows)) if leaf.ndim else iter([leaf])  # one alive
         for part in parts:
             total += np.asarray(jax.device_get(_leaf_sums(part, jnp.uint32(offset % 2**32))), np.uint64)
-            offset += part.size
+            offset += part.size * max(1, part.dtype.itemsize // 4)  # an 8-byte element is two uint32 words
     total %= 2**32
     return int(total[0]), int(total[1])
 
