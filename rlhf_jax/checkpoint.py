@@ -124,7 +124,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, *, rng: j
 
     Freed heap pages go back to the OS first (:func:`rlhf_jax.memory.release_freed_host_memory`): a
     save right after a step otherwise stacks its buffers on the step's freed but still resident
-    temporaries (full-parameter PPO on SmolLM2-135M: peak 4.85 → 4.48 GiB).
+    temporaries (one probe of full-parameter PPO on SmolLM2-135M: 4.85 → 4.48 GiB at the save; the
+    stage's peak varies by up to 0.4 GiB between runs, so this is one reading, not a guarantee).
     """
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
