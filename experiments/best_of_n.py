@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import tyro
 
-from rlhf_jax import best_of_n, defaults, evaluation, memory, workflow
+from rlhf_jax import best_of_n, cli, defaults, evaluation, memory, model_io, trainer
+from rlhf_jax.data import sources
 from rlhf_jax.data import encode_prompts, simulated
 from rlhf_jax.logging import MetricsLogger
 
@@ -29,15 +30,15 @@ STAGE = "best_of_n"
 
 @dataclasses.dataclass(frozen=True)
 class BestOfNConfig:
-    model: workflow.ModelArgs = workflow.ModelArgs()
+    model: cli.ModelArgs = cli.ModelArgs()
     """Policy to sample from (default: <run.out>/sft/hf)."""
     reward_model: str | None = None
     """Reward model folder (default: <run.out>/rm/hf)."""
-    data: workflow.DataArgs = workflow.DataArgs(num_eval=256, seed=2)
+    data: cli.DataArgs = cli.DataArgs(num_eval=256, seed=2)
     """Evaluation prompts: simulated held-out prompts by default; --data.eval-path, or the held-out split
     of --data.path (--data.eval-fraction: the same prompts ppo.py evaluates on)."""
-    run: workflow.RunArgs = workflow.RunArgs()
-    sample: workflow.SampleArgs = workflow.SampleArgs()
+    run: cli.RunArgs = cli.RunArgs()
+    sample: cli.SampleArgs = cli.SampleArgs()
     """Sampling; max_prompt_len / max_new_tokens None: auto (see rlhf_jax.defaults; embedded 32, 48)."""
     n: tuple[int, ...] = (4, 16)
     """Sample counts to evaluate."""
@@ -47,18 +48,18 @@ class BestOfNConfig:
 def main(cfg: BestOfNConfig) -> dict:
     with memory.PeakRSS() as peak:
         result, out, stage = _main(cfg)
-    return workflow.record_peak_memory(stage, peak, result, out)
+    return trainer.record_peak_memory(stage, peak, result, out)
 
 
 def _main(cfg: BestOfNConfig):
-    mesh, rules = workflow.setup(cfg.run)
+    mesh, rules = cli.setup(cfg.run)
     run_dir = pathlib.Path(cfg.run.out)
-    model_cfg, params, tokenizer = workflow.load_lm(
+    model_cfg, params, tokenizer = model_io.load_lm(
         dataclasses.replace(cfg.model, path=cfg.model.path or str(run_dir / "sft" / "hf")))
     reward = evaluation.load_reward_model(cfg.reward_model or run_dir / "rm" / "hf", cfg.model, tokenizer)
-    eval_rows = workflow.rows_from(cfg.data, "prompt", "eval", simulated.prompt_rows)[:cfg.num_eval_prompts]
+    eval_rows = sources.rows_from(cfg.data, "prompt", "eval", simulated.prompt_rows)[:cfg.num_eval_prompts]
     cfg = resolve_config(cfg, model_cfg, tokenizer, eval_rows)
-    prompts = workflow.prompt_texts(eval_rows)
+    prompts = sources.prompt_texts(eval_rows)
     if not prompts:
         raise ValueError("best_of_n: no evaluation prompts: pass --data.eval-path, or --data.path with "
                          "--data.eval-fraction > 0 (its held-out split, the prompts PPO is evaluated on)")
@@ -66,7 +67,7 @@ def _main(cfg: BestOfNConfig):
     # the reference samples of every method's evaluation (ppo.py / dpo.py: key run.seed + 1000 + 1)
     reference, _ = evaluation.sample_model(model_cfg, params, tokenizer, prompts, key=jax.random.key(cfg.run.seed + 1001),
                                            sample_args=cfg.sample, reward=reward, mesh=mesh, rules=rules)
-    out = workflow.stage_dir(cfg.run, "best_of_n")
+    out = cli.stage_dir(cfg.run, "best_of_n")
     results = {}
     with MetricsLogger(out, stage="best_of_n", resume_from=0) as logger, \
             evaluation.open_samples_file(out / "samples.md", resume_from=0) as samples_md:
@@ -80,7 +81,7 @@ def _main(cfg: BestOfNConfig):
             res = {"n": n, **evaluation.compare(prompts, chosen, reference, kl=float(best_of_n.best_of_n_kl(n)),
                                                 gold=simulated_gold)}
             if simulated_gold:
-                res["oracle_gold"] = float(workflow.gold_eval([p for p in prompts for _ in range(n)],
+                res["oracle_gold"] = float(evaluation.gold_eval([p for p in prompts for _ in range(n)],
                                                               samples.texts).reshape(-1, n).max(-1).mean())
             results[f"bon_{n}"] = res
             logger.log(n, evaluation.scalars({k: v for k, v in res.items() if k != "n"}),
@@ -89,7 +90,7 @@ def _main(cfg: BestOfNConfig):
             samples_md.write(f"## step {n} (best-of-{n}, held-out prompts)\n\n{table}\n\n")
             logger.text(n, "eval_samples", table)
             print(f"[best_of_n] n={n}: {evaluation.summary(res)}", flush=True)
-    workflow.write_json(out / "eval.json", results)
+    trainer.write_json(out / "eval.json", results)
     return results, out, "best_of_n"
 
 

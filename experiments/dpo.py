@@ -17,7 +17,9 @@ import pathlib
 
 import tyro
 
-from rlhf_jax import defaults, evaluation, lora, losses, memory, models, steps, workflow
+from rlhf_jax import cli, defaults, evaluation, lora, losses, memory, model_io, models, objectives, steps, trainer
+from rlhf_jax.trainable import Trainable
+from rlhf_jax.data import sources
 from rlhf_jax.configs import OptimizerConfig
 from rlhf_jax.data import BatchIterator, collate_pairs, encode, simulated
 from rlhf_jax.logging import MetricsLogger
@@ -29,13 +31,13 @@ STAGE = "dpo"
 
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
-    model: workflow.ModelArgs = workflow.ModelArgs()
+    model: cli.ModelArgs = cli.ModelArgs()
     """Policy to start from, also the frozen reference (default: <run.out>/sft/hf)."""
-    data: workflow.DataArgs = workflow.DataArgs(num_train=6144, num_eval=1024, seed=1)
+    data: cli.DataArgs = cli.DataArgs(num_train=6144, num_eval=1024, seed=1)
     """Comparisons (the same simulated comparisons the reward model is trained on, by default)."""
-    run: workflow.RunArgs = workflow.RunArgs()
+    run: cli.RunArgs = cli.RunArgs()
     optim: OptimizerConfig = OptimizerConfig(learning_rate=None, warmup_steps=20, total_steps=300, b2=0.99)
-    sample: workflow.SampleArgs = workflow.SampleArgs()
+    sample: cli.SampleArgs = cli.SampleArgs()
     variant: str = "dpo"
     """One of losses.DPO_VARIANTS: dpo, cdpo, robust, ipo, simpo."""
     beta: float = 0.1
@@ -64,21 +66,21 @@ class DPOConfig:
 def main(cfg: DPOConfig) -> dict:
     with memory.PeakRSS() as peak:
         result, out, stage = _main(cfg)
-    return workflow.record_peak_memory(stage, peak, result, out)
+    return trainer.record_peak_memory(stage, peak, result, out)
 
 
 def _main(cfg: DPOConfig):
-    mesh, rules = workflow.setup(cfg.run)
+    mesh, rules = cli.setup(cfg.run)
     sft_path = cfg.model.path or str(pathlib.Path(cfg.run.out) / "sft" / "hf")
-    model_cfg, params, tokenizer = workflow.load_lm(dataclasses.replace(cfg.model, path=sft_path))
-    train_rows = workflow.rows_from(cfg.data, "pairwise", "train", simulated.pairwise_rows)
-    eval_rows = workflow.rows_from(cfg.data, "pairwise", "eval", simulated.pairwise_rows)
+    model_cfg, params, tokenizer = model_io.load_lm(dataclasses.replace(cfg.model, path=sft_path))
+    train_rows = sources.rows_from(cfg.data, "pairwise", "train", simulated.pairwise_rows)
+    eval_rows = sources.rows_from(cfg.data, "pairwise", "eval", simulated.pairwise_rows)
     cfg = resolve_config(cfg, model_cfg, tokenizer, train_rows + eval_rows)  # held-out rows must fit too
     axes = models.param_logical_axes(model_cfg)
     reference_free = cfg.variant == "simpo"
-    optim_cfg = workflow.optimizer_for(cfg.optim, cfg.steps)
+    optim_cfg = cli.optimizer_for(cfg.optim, cfg.steps)
     optimizer = make_optimizer(optim_cfg)
-    trainable = workflow.Trainable.create(cfg.lora, model_cfg, reference_path=None if reference_free else ())
+    trainable = Trainable.create(cfg.lora, model_cfg, reference_path=None if reference_free else ())
     state = trainable.place(model_cfg, params, axes, optimizer, mesh, rules, frozen=None if reference_free else params,
                             frozen_axes=None if reference_free else axes, donate=True)
     del params
@@ -89,36 +91,36 @@ def _main(cfg: DPOConfig):
     loss_fn = functools.partial(losses.dpo_loss, variant=cfg.variant, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                                 nll_coef=cfg.nll_coef)
     train_step = steps.make_dpo_step(model_cfg, optimizer, state_sh, mesh, rules, loss_fn=loss_fn, view=trainable.view)
-    eval_step = steps.make_eval_step(functools.partial(steps.dpo_objective, model_cfg=model_cfg, loss_fn=loss_fn),
+    eval_step = steps.make_eval_step(functools.partial(objectives.dpo_objective, model_cfg=model_cfg, loss_fn=loss_fn),
                                      state_sh, mesh, rules, view=trainable.view)
 
     collate = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id, length=cfg.max_len)
-    batches = BatchIterator(workflow.encode_rows(cfg.data, train_rows, tokenizer, max_len=cfg.max_len, what="training rows"), collate, batch_size=cfg.batch_size,
+    batches = BatchIterator(sources.encode_rows(cfg.data, train_rows, tokenizer, max_len=cfg.max_len, what="training rows"), collate, batch_size=cfg.batch_size,
                             seed=cfg.run.seed)
 
-    evaluate = workflow.held_out_eval(eval_step, eval_rows, tokenizer, collate, max_len=cfg.max_len, data=cfg.data,
+    evaluate = trainer.held_out_eval(eval_step, eval_rows, tokenizer, collate, max_len=cfg.max_len, data=cfg.data,
                                       batch_size=cfg.batch_size, mesh=mesh, rules=rules)
 
     stage = "dpo" if cfg.variant == "dpo" else f"dpo_{cfg.variant}"
-    state, last_eval = workflow.train_loop(stage=stage, run=cfg.run, state=state, step_fn=train_step, batches=batches,
+    state, last_eval = trainer.train_loop(stage=stage, run=cfg.run, state=state, step_fn=train_step, batches=batches,
                                            num_steps=cfg.steps, mesh=mesh, rules=rules, config=cfg, eval_fn=evaluate,
                                            eval_every=cfg.eval_every, print_keys=("optim/loss", "dpo/accuracy", "dpo/margin"),
                                            optim=optim_cfg)
-    out = workflow.stage_dir(cfg.run, stage)
+    out = cli.stage_dir(cfg.run, stage)
     result = {**trainable.export(out, model_cfg, state, tokenizer, base_model=sft_path), **last_eval}
     if not cfg.num_eval_prompts:
         prompts = []
     elif cfg.data.path is None:  # the simulated held-out prompts PPO and best-of-n are evaluated on
-        prompts = workflow.prompt_texts(workflow.rows_from(
+        prompts = sources.prompt_texts(sources.rows_from(
             dataclasses.replace(cfg.data, seed=2, num_eval=cfg.num_eval_prompts), "prompt", "eval", simulated.prompt_rows))
     else:  # the prompts of the held-out comparisons (--data.eval-path or the held-out split of --data.path)
-        prompts = workflow.eval_prompts(eval_rows, cfg.num_eval_prompts)
+        prompts = sources.eval_prompts(eval_rows, cfg.num_eval_prompts)
     if cfg.num_eval_prompts and prompts:
-        reference = (workflow.load_lm(dataclasses.replace(cfg.model, path=sft_path))[1] if reference_free
+        reference = (model_io.load_lm(dataclasses.replace(cfg.model, path=sft_path))[1] if reference_free
                      else trainable.reference(state))  # the state's own reference: no second copy
         rm_path = cfg.reward_model or pathlib.Path(cfg.run.out) / "rm" / "hf"
         reward = None
-        if cfg.reward_model is not None or (rm_path / workflow.REWARD_HEAD_FILE).exists():
+        if cfg.reward_model is not None or (rm_path / model_io.REWARD_HEAD_FILE).exists():
             reward = evaluation.load_reward_model(rm_path, cfg.model, tokenizer)
             print(f"[{stage}] held-out samples judged by the reward model {rm_path}", flush=True)
         ev = evaluation.evaluate_policy(model_cfg, trainable.lm(state), reference, tokenizer, prompts,
@@ -135,7 +137,7 @@ def _main(cfg: DPOConfig):
     elif cfg.num_eval_prompts:
         print(f"[{stage}] no held-out prompts (pass --data.eval-path or a --data.eval-fraction > 0): no evaluation",
               flush=True)
-    workflow.write_json(out / "eval.json", result)
+    trainer.write_json(out / "eval.json", result)
     return result, out, stage
 
 

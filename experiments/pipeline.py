@@ -32,7 +32,8 @@ import dpo
 import ppo
 import reward_model
 import sft
-from rlhf_jax import defaults, evaluation, workflow
+from rlhf_jax import defaults, evaluation, model_io, sampling, trainer
+from rlhf_jax.cli import DataArgs, ModelArgs, SampleArgs
 from rlhf_jax.data import load_source, simulated
 from rlhf_jax.logging import read_metrics
 
@@ -81,31 +82,31 @@ def smollm2_preset() -> PipelineConfig:
     world's demonstrations rendered as chat, the reward model on the SFT backbone, PPO, DPO, best-of-4.
     Budgets are small (a pretrained model needs few steps to learn the world's format); learning rates
     are above the pretrained defaults of rlhf_jax.defaults because the budgets are this short."""
-    start = workflow.ModelArgs(path=str(smollm2_gguf()))
-    sample = workflow.SampleArgs(max_new_tokens=48, batch_size=16)
+    start = ModelArgs(path=str(smollm2_gguf()))
+    sample = SampleArgs(max_new_tokens=48, batch_size=16)
     base = PipelineConfig()
     run = lambda stage_run, **kw: dataclasses.replace(stage_run, **{"log_every": 5, **kw})  # noqa: E731
     return dataclasses.replace(
         base, out="runs/smollm2",
         sft=dataclasses.replace(base.sft, model=start, steps=24, batch_size=8, eval_every=24, num_eval_samples=0,
-                                data=workflow.DataArgs(num_train=240, num_eval=64),
+                                data=DataArgs(num_train=240, num_eval=64),
                                 optim=dataclasses.replace(base.sft.optim, learning_rate=3e-5, warmup_steps=3),
                                 sample=sample, run=run(base.sft.run)),
         rm=dataclasses.replace(base.rm, steps=64, batch_size=8, eval_every=64, normalize_samples=32,
-                               data=workflow.DataArgs(num_train=512, num_eval=128, seed=1),
+                               data=DataArgs(num_train=512, num_eval=128, seed=1),
                                optim=dataclasses.replace(base.rm.optim, learning_rate=3e-5, warmup_steps=4),
                                sample=sample, run=run(base.rm.run)),
         ppo=dataclasses.replace(base.ppo, iterations=16, rollout_prompts=16, epochs=2, num_minibatches=2,
                                 eval_every=16, num_eval_prompts=48, samples_every=4,
-                                data=workflow.DataArgs(num_train=512, num_eval=48, seed=2),
+                                data=DataArgs(num_train=512, num_eval=48, seed=2),
                                 optim=dataclasses.replace(base.ppo.optim, learning_rate=1e-5),
                                 kl=dataclasses.replace(base.ppo.kl, coef=0.05), sample=sample,
                                 run=run(base.ppo.run, save_every=16, log_every=1)),
         dpo=dataclasses.replace(base.dpo, steps=16, batch_size=8, eval_every=16, num_eval_prompts=48,
-                                data=workflow.DataArgs(num_train=240, num_eval=48, seed=1),
+                                data=DataArgs(num_train=240, num_eval=48, seed=1),
                                 optim=dataclasses.replace(base.dpo.optim, learning_rate=1.5e-5, warmup_steps=3),
                                 sample=sample, run=run(base.dpo.run)),
-        bon=dataclasses.replace(base.bon, n=(4,), num_eval_prompts=48, data=workflow.DataArgs(num_eval=48, seed=2),
+        bon=dataclasses.replace(base.bon, n=(4,), num_eval_prompts=48, data=DataArgs(num_eval=48, seed=2),
                                 sample=sample),
     )
 
@@ -135,7 +136,7 @@ def _stage(name: str, folder: str, main, stage_cfg, cfg: PipelineConfig, timings
     if isinstance(result, dict) and "memory/peak_rss_gib" in result:
         PEAK_MEMORY[name] = result["memory/peak_rss_gib"]
     if not done.exists():  # stages without evaluation (a user's own data) still mark completion
-        workflow.write_json(done, result)
+        trainer.write_json(done, result)
     return result
 
 
@@ -187,7 +188,7 @@ def compare_to_start(cfg: PipelineConfig, results: dict) -> dict:
 
     from rlhf_jax.data import PromptRow, encode_prompts
 
-    model_cfg, params, tokenizer = workflow.load_lm(cfg.sft.model)
+    model_cfg, params, tokenizer = model_io.load_lm(cfg.sft.model)
 
     def sample_args(prompts):  # PPO's sampling settings, lengths fitted to these prompts
         encoded = encode_prompts([PromptRow(p) for p in prompts], tokenizer, max_len=model_cfg.max_position_embeddings)
@@ -213,7 +214,7 @@ def compare_to_start(cfg: PipelineConfig, results: dict) -> dict:
         out["gold"] = float(start_gold.mean())
         out["samples"] = [{"prompt": p, "response": t, "gold": float(g)}
                           for p, t, g in list(zip(prompts, samples.texts, start_gold))[:4]]
-    workflow.write_json(pathlib.Path(cfg.out) / "start" / "eval.json", out)
+    trainer.write_json(pathlib.Path(cfg.out) / "start" / "eval.json", out)
     return out
 
 
@@ -258,13 +259,13 @@ def annotate_policy_samples(cfg: PipelineConfig, r: int, policy_hf: str, out: pa
     train_file, eval_file = out / "comparisons.jsonl", out / "comparisons_eval.jsonl"
     new_file = out / "new_comparisons.jsonl"
     if not (cfg.resume and train_file.exists() and eval_file.exists()):
-        model_cfg, params, tokenizer = workflow.load_lm(dataclasses.replace(cfg.ppo.model, path=policy_hf))
+        model_cfg, params, tokenizer = model_io.load_lm(dataclasses.replace(cfg.ppo.model, path=policy_hf))
         draws = iter(range(1 << 20))
         # the iterated rounds sample simulated prompts: PPO's auto sampling fields for this model
         sample_args = defaults.resolve(cfg.ppo, "ppo", kind=defaults.model_kind(model_cfg), printer=None).sample
 
         def policy_sampler(prompts, k):  # k distinct responses per prompt when 2k samples have them
-            texts, _ = workflow.sample(model_cfg, params, tokenizer, prompts, num_samples=2 * k,
+            texts, _ = sampling.sample(model_cfg, params, tokenizer, prompts, num_samples=2 * k,
                                        key=jax.random.key(1000 * r + next(draws)), sample_args=sample_args)
             out_rows = []
             for samples in texts:
@@ -290,13 +291,13 @@ def rm_pair_accuracy(rm_hf: str, pairs: list, cfg: PipelineConfig) -> float:
     import jax
     import numpy as np
 
-    from rlhf_jax import steps
+    from rlhf_jax import objectives
     from rlhf_jax.data import collate_pairs, encode
 
-    model_cfg, rm_params, tokenizer = workflow.load_reward_model(rm_hf, cfg.rm.model)
+    model_cfg, rm_params, tokenizer = model_io.load_reward_model(rm_hf, cfg.rm.model)
     max_len = reward_model.resolve_config(cfg.rm, model_cfg, tokenizer, pairs).max_len
     batch = collate_pairs(encode(pairs, tokenizer, max_len=max_len), pad_id=tokenizer.pad_token_id, length=max_len)
-    score = jax.jit(steps.reward_scores, static_argnums=0)
+    score = jax.jit(objectives.reward_scores, static_argnums=0)
     chosen = score(model_cfg, rm_params, batch.chosen_ids_BT, batch.chosen_attention_mask_BT)
     rejected = score(model_cfg, rm_params, batch.rejected_ids_BT, batch.rejected_attention_mask_BT)
     return float(np.mean(np.asarray(chosen) > np.asarray(rejected)))
@@ -422,7 +423,7 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, peaks: dict | 
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     rm_rounds = {key: res["rm"] for key, res in results.items() if key.startswith("round") and "rm" in res}
-    workflow.write_json(out / "results.json", {"table": rows, "rm": rm, "rm_rounds": rm_rounds, "timings": timings})
+    trainer.write_json(out / "results.json", {"table": rows, "rm": rm, "rm_rounds": rm_rounds, "timings": timings})
     return report
 
 

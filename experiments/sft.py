@@ -17,7 +17,9 @@ import jax
 import numpy as np
 import tyro
 
-from rlhf_jax import defaults, lora, memory, models, steps, workflow
+from rlhf_jax import cli, defaults, evaluation, lora, memory, model_io, models, objectives, sampling, steps, trainer
+from rlhf_jax.trainable import Trainable
+from rlhf_jax.data import sources
 from rlhf_jax.configs import OptimizerConfig
 from rlhf_jax.data import BatchIterator, collate_sft, encode, pack, simulated
 from rlhf_jax.train_state import create_train_state, make_optimizer, shardings_of
@@ -25,12 +27,12 @@ from rlhf_jax.train_state import create_train_state, make_optimizer, shardings_o
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    model: workflow.ModelArgs = workflow.ModelArgs()
-    data: workflow.DataArgs = workflow.DataArgs(num_train=8192, num_eval=512)
-    run: workflow.RunArgs = workflow.RunArgs()
+    model: cli.ModelArgs = cli.ModelArgs()
+    data: cli.DataArgs = cli.DataArgs(num_train=8192, num_eval=512)
+    run: cli.RunArgs = cli.RunArgs()
     optim: OptimizerConfig = OptimizerConfig(learning_rate=None, warmup_steps=40, total_steps=500, b2=0.98,
                                              weight_decay=0.01, end_lr_ratio=0.1)
-    sample: workflow.SampleArgs = workflow.SampleArgs()
+    sample: cli.SampleArgs = cli.SampleArgs()
     lora: lora.LoraConfig = lora.LoraConfig()
     """LoRA adapters instead of full fine-tuning (--lora.rank 8); exports hf/ (merged) and peft/."""
     steps: int = 500
@@ -52,25 +54,25 @@ class SFTConfig:
 def main(cfg: SFTConfig) -> dict:
     with memory.PeakRSS() as peak:
         result, out, stage = _main(cfg)
-    return workflow.record_peak_memory(stage, peak, result, out)
+    return trainer.record_peak_memory(stage, peak, result, out)
 
 
 def _main(cfg: SFTConfig):
-    mesh, rules = workflow.setup(cfg.run)
-    model_cfg, params, tokenizer = workflow.load_lm(cfg.model, jax.random.key(cfg.run.seed))
-    train_rows = workflow.rows_from(cfg.data, "sft", "train", simulated.sft_rows)
-    eval_rows = workflow.rows_from(cfg.data, "sft", "eval", simulated.sft_rows)
+    mesh, rules = cli.setup(cfg.run)
+    model_cfg, params, tokenizer = model_io.load_lm(cfg.model, jax.random.key(cfg.run.seed))
+    train_rows = sources.rows_from(cfg.data, "sft", "train", simulated.sft_rows)
+    eval_rows = sources.rows_from(cfg.data, "sft", "eval", simulated.sft_rows)
     cfg = resolve_config(cfg, model_cfg, tokenizer, train_rows + eval_rows)  # held-out rows must fit too
-    examples = workflow.encode_rows(cfg.data, train_rows, tokenizer, max_len=cfg.max_len, what="training rows")
+    examples = sources.encode_rows(cfg.data, train_rows, tokenizer, max_len=cfg.max_len, what="training rows")
     if cfg.pack:
         examples = pack(examples, cfg.max_len)
     collate = functools.partial(collate_sft, pad_id=tokenizer.pad_token_id, length=cfg.max_len)
     batches = BatchIterator(examples, collate, batch_size=cfg.batch_size, seed=cfg.run.seed)
 
-    optim_cfg = workflow.optimizer_for(cfg.optim, cfg.steps)
+    optim_cfg = cli.optimizer_for(cfg.optim, cfg.steps)
     optimizer = make_optimizer(optim_cfg)
     axes = models.param_logical_axes(model_cfg)
-    trainable = workflow.Trainable.create(cfg.lora, model_cfg)
+    trainable = Trainable.create(cfg.lora, model_cfg)
     if cfg.model.path is None and not trainable.lora_cfg.enabled:  # from scratch: initialise into the shards
         state = create_train_state(lambda: models.init_params(model_cfg, jax.random.key(cfg.run.seed)),
                                    optimizer, mesh, rules, axes)
@@ -80,26 +82,26 @@ def _main(cfg: SFTConfig):
     memory.release_freed_host_memory()  # the host copies placed on the devices
     state_sh = shardings_of(state)
     train_step = steps.make_sft_step(model_cfg, optimizer, state_sh, mesh, rules, view=trainable.view)
-    eval_step = steps.make_eval_step(functools.partial(steps.sft_objective, model_cfg=model_cfg), state_sh, mesh, rules,
+    eval_step = steps.make_eval_step(functools.partial(objectives.sft_objective, model_cfg=model_cfg), state_sh, mesh, rules,
                                      view=trainable.view)
 
-    evaluate = workflow.held_out_eval(eval_step, eval_rows, tokenizer, collate, max_len=cfg.max_len, data=cfg.data,
+    evaluate = trainer.held_out_eval(eval_step, eval_rows, tokenizer, collate, max_len=cfg.max_len, data=cfg.data,
                                       batch_size=cfg.batch_size, mesh=mesh, rules=rules)
 
-    state, last_eval = workflow.train_loop(stage="sft", run=cfg.run, state=state, step_fn=train_step, batches=batches,
+    state, last_eval = trainer.train_loop(stage="sft", run=cfg.run, state=state, step_fn=train_step, batches=batches,
                                            num_steps=cfg.steps, mesh=mesh, rules=rules, config=cfg, eval_fn=evaluate,
                                            eval_every=cfg.eval_every, print_keys=("sft/loss", "sft/accuracy"),
                                            optim=optim_cfg)
-    out = workflow.stage_dir(cfg.run, "sft")
+    out = cli.stage_dir(cfg.run, "sft")
     result = {**trainable.export(out, model_cfg, state, tokenizer, base_model=cfg.model.path), **last_eval}
     if cfg.data.path is None and cfg.num_eval_samples:  # gold score of the SFT policy on held-out prompts
-        prompts = workflow.prompt_texts(eval_rows)[:cfg.num_eval_samples]
-        texts, _ = workflow.sample(model_cfg, trainable.lm(state), tokenizer, prompts, key=jax.random.key(cfg.run.seed + 1),
+        prompts = sources.prompt_texts(eval_rows)[:cfg.num_eval_samples]
+        texts, _ = sampling.sample(model_cfg, trainable.lm(state), tokenizer, prompts, key=jax.random.key(cfg.run.seed + 1),
                                    sample_args=cfg.sample)
-        gold = workflow.gold_eval(prompts, [t[0] for t in texts])
+        gold = evaluation.gold_eval(prompts, [t[0] for t in texts])
         result["gold/mean"] = float(np.mean(gold))
         print(f"[sft] held-out gold score {np.mean(gold):.3f}; e.g. {prompts[0]!r} ->{texts[0][0]!r}", flush=True)
-    workflow.write_json(out / "eval.json", result)
+    trainer.write_json(out / "eval.json", result)
     return result, out, "sft"
 
 

@@ -8,7 +8,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import ops
+from rlhf_jax import ops, registry
 
 
 def per_token_rewards(
@@ -180,3 +180,157 @@ def grpo(scores_BN: jax.Array, *, eps: float = 1e-6, scale: bool = True) -> jax.
     if not scale:
         return centered_BN
     return centered_BN / (jnp.std(scores_BN, axis=-1, keepdims=True, ddof=1) + eps)
+
+
+# --- Advantage estimators, by name (rlhf_jax.registry.ADVANTAGES) ----------------------------------
+
+
+@flax.struct.dataclass
+class AdvantageInputs:
+    """What every advantage estimator may read: one scored rollout of ``B = prompts × num_samples`` rows.
+
+    Rows of one prompt are adjacent (``rollout.generate(num_samples=N)`` lays them out so).
+    """
+
+    scores_B: jax.Array
+    """Sequence scores: reward model and/or reward functions, missing-EOS penalty applied."""
+    kl_BT: jax.Array
+    """Per-token KL estimate policy vs reference (:func:`rlhf_jax.kl.kl_penalty`); used only through ``kl_coef``."""
+    mask_BT: jax.Array
+    """Response mask, shifted (column t scores token t + 1)."""
+    values_BT: jax.Array | None = None
+    """Critic values (None without a critic)."""
+    num_samples: int = flax.struct.field(pytree_node=False, default=1)
+    """N: samples per prompt."""
+
+
+def estimator(name: str, *, critic: bool = False, groups: bool = False):
+    """Register an advantage estimator ``fn(inputs, *, kl_coef, **options) -> (advantages_BT, returns_BT | None)``.
+
+    ``critic``: it needs ``inputs.values_BT`` (and its returns train the critic); ``groups``: it needs
+    ``num_samples ≥ 2`` responses per prompt. ``kl_coef`` is β when the KL sits in the reward, 0 otherwise.
+    """
+    def add(fn):
+        fn.needs_critic, fn.needs_groups = critic, groups
+        return registry.ADVANTAGES.register(name)(fn)
+    return add
+
+
+def sequence_rewards(inputs: AdvantageInputs, kl_coef) -> jax.Array:
+    """``R_b = s_b − β Σ_t KL_bt`` (the KL-penalised sequence reward of the critic-free estimators)."""
+    return inputs.scores_B - jnp.asarray(kl_coef, jnp.float32) * ops.masked_sum(inputs.kl_BT, inputs.mask_BT, axis=-1)
+
+
+def _per_sequence(advantages_B: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    """The same advantage on every response token of a row."""
+    return advantages_B[:, None] * jnp.asarray(mask_BT, jnp.float32)
+
+
+@estimator("gae", critic=True)
+def gae_estimator(inputs: AdvantageInputs, *, kl_coef, gamma: float = 1.0, lam: float = 0.95,
+                  whiten: bool = True, **_) -> tuple[jax.Array, jax.Array]:
+    """PPO's estimator: per-token rewards (score at the last token − β·KL_t, :func:`per_token_rewards`),
+    :func:`gae` on the critic's values, advantages whitened over the batch (Ziegler et al. 2019)."""
+    rewards_BT = per_token_rewards(inputs.scores_B, inputs.kl_BT, inputs.mask_BT, kl_coef=kl_coef)
+    advantages_BT, returns_BT = gae(rewards_BT, inputs.values_BT, inputs.mask_BT, gamma=gamma, lam=lam)
+    return (whiten_advantages(advantages_BT, inputs.mask_BT) if whiten else advantages_BT), returns_BT
+
+
+@estimator("grpo", groups=True)
+def grpo_estimator(inputs: AdvantageInputs, *, kl_coef, **_) -> tuple[jax.Array, None]:
+    """GRPO (Shao et al. 2024): :func:`grpo` on the group's sequence rewards, on every response token."""
+    rewards_BN = sequence_rewards(inputs, kl_coef).reshape(-1, inputs.num_samples)
+    return _per_sequence(grpo(rewards_BN).reshape(-1), inputs.mask_BT), None
+
+
+@estimator("rloo", groups=True)
+def rloo_estimator(inputs: AdvantageInputs, *, kl_coef, **_) -> tuple[jax.Array, None]:
+    """RLOO (Ahmadian et al. 2024): :func:`rloo` leave-one-out baseline on the sequence rewards."""
+    rewards_BN = sequence_rewards(inputs, kl_coef).reshape(-1, inputs.num_samples)
+    return _per_sequence(rloo(rewards_BN).reshape(-1), inputs.mask_BT), None
+
+
+# --- The GRPO family beyond GRPO/RLOO: Dr. GRPO, REINFORCE++, DAPO's dynamic sampling ----------------
+
+
+@estimator("dr_grpo", groups=True)
+def dr_grpo_estimator(inputs: AdvantageInputs, *, kl_coef, **_) -> tuple[jax.Array, None]:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", §3.1): group mean-centred, no std.
+
+        A_i = R_i − mean_{j ∈ group} R_j,     R_i = s_i − β Σ_t KL_it
+
+    i.e. :func:`grpo` with ``scale=False``. The paper pairs it with a constant loss normaliser
+    (aggregation ``seq_mean_token_sum_norm``) instead of GRPO's per-sequence 1/|o_i|.
+    """
+    rewards_BN = sequence_rewards(inputs, kl_coef).reshape(-1, inputs.num_samples)
+    return _per_sequence(grpo(rewards_BN, scale=False).reshape(-1), inputs.mask_BT), None
+
+
+def discounted_returns(rewards_BT: jax.Array, mask_BT: jax.Array, *, gamma: float = 1.0) -> jax.Array:
+    """Return-to-go over each row's response tokens, by a reverse ``lax.scan`` (REINFORCE; Williams 1992).
+
+        G_t = r_t + γ G_{t+1},     G after the last response token = 0
+
+    Masked positions are skipped (t+1 is the next unmasked token, as in :func:`gae`) and get 0.
+    This is :func:`gae` with V ≡ 0 and λ = 1. Float32.
+    """
+    rewards_TB = jnp.asarray(rewards_BT, jnp.float32).T
+    valid_TB = jnp.asarray(mask_BT).T > 0
+
+    def step(next_return_B, xs):
+        reward_B, valid_B = xs
+        return_B = reward_B + gamma * next_return_B
+        return jnp.where(valid_B, return_B, next_return_B), jnp.where(valid_B, return_B, 0.0)
+
+    _, returns_TB = jax.lax.scan(step, jnp.zeros(rewards_TB.shape[1], jnp.float32), (rewards_TB, valid_TB), reverse=True)
+    return returns_TB.T
+
+
+def reinforce_pp_advantages(scores_B: jax.Array, kl_BT: jax.Array, mask_BT: jax.Array, *, kl_coef,
+                            gamma: float = 1.0) -> jax.Array:
+    """REINFORCE++ advantages (Hu 2025, arXiv 2501.03262, §3): token rewards, return-to-go, global whitening.
+
+        r_t = −β·KL_t + s·[t = last response token]             (:func:`per_token_rewards`)
+        A_t = Σ_{i ≥ t} γ^{i−t} r_i                             (:func:`discounted_returns`)
+        Â_t = (A_t − μ_A) / sqrt(σ²_A + 1e-8)                   μ, σ² over every response token of the batch
+
+    No critic and no per-prompt baseline: the batch-wide normalisation is the baseline.
+    Padding and empty rows get 0.
+    """
+    rewards_BT = per_token_rewards(scores_B, kl_BT, mask_BT, kl_coef=kl_coef)
+    return whiten_advantages(discounted_returns(rewards_BT, mask_BT, gamma=gamma), mask_BT)
+
+
+@estimator("reinforce_pp")
+def reinforce_pp_estimator(inputs: AdvantageInputs, *, kl_coef, gamma: float = 1.0, **_) -> tuple[jax.Array, None]:
+    """REINFORCE++ (Hu 2025): :func:`reinforce_pp_advantages` on the rollout's scores and per-token KL."""
+    return reinforce_pp_advantages(inputs.scores_B, inputs.kl_BT, inputs.mask_BT, kl_coef=kl_coef, gamma=gamma), None
+
+
+@estimator("reinforce_pp_baseline", groups=True)
+def reinforce_pp_baseline_estimator(inputs: AdvantageInputs, *, kl_coef, gamma: float = 1.0,
+                                    **_) -> tuple[jax.Array, None]:
+    """REINFORCE++-baseline (Hu 2025, arXiv 2501.03262 v3+; OpenRLHF ``reinforce_baseline``).
+
+        s'_i = s_i − mean_{j ∈ group} s_j
+
+    then REINFORCE++ on s' (:func:`reinforce_pp_advantages`: −β·KL_t per token, return-to-go,
+    whitening over the batch's response tokens). The group mean removes the prompt's difficulty;
+    the global std (not the group's) sets the scale.
+    """
+    scores_BN = jnp.asarray(inputs.scores_B, jnp.float32).reshape(-1, inputs.num_samples)
+    centred_B = (scores_BN - jnp.mean(scores_BN, axis=-1, keepdims=True)).reshape(-1)
+    return reinforce_pp_advantages(centred_B, inputs.kl_BT, inputs.mask_BT, kl_coef=kl_coef, gamma=gamma), None
+
+
+def groups_with_signal(scores_BN: jax.Array, *, atol: float = 1e-6) -> jax.Array:
+    """DAPO dynamic sampling (Yu et al. 2025, eq. 11): keep the groups whose scores are not all equal.
+
+        keep_b = max_n s_bn − min_n s_bn > atol
+
+    Eq. 11 asks 0 < |{o_i : o_i correct}| < G for 0/1 rewards; a group whose N scores are all equal
+    has group-relative advantage 0 and gives no gradient. Row b holds one prompt's N scores;
+    returns a bool ``keep_B`` (one per group). The caller over-samples and drops the rest.
+    """
+    scores_BN = jnp.asarray(scores_BN, jnp.float32)
+    return (jnp.max(scores_BN, axis=-1) - jnp.min(scores_BN, axis=-1)) > atol

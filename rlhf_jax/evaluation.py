@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from rlhf_jax import models, rollout
+from rlhf_jax import kl, models, objectives, ops, rollout
 
 NUM_SAMPLES_SHOWN = 8
 """Prompts whose responses are kept in ``samples`` (eval.json, samples.md)."""
@@ -169,11 +169,11 @@ class RewardModel:
 
 
 def load_reward_model(path: Any, model_args: Any, tokenizer: Any) -> RewardModel:
-    """The reward model at ``path`` (``workflow.save_reward_model``'s layout) as a judge of samples
+    """The reward model at ``path`` (``model_io.save_reward_model``'s layout) as a judge of samples
     tokenized by ``tokenizer``; an error names both when their vocabularies differ."""
-    from rlhf_jax import workflow
+    from rlhf_jax import model_io
 
-    cfg, params, rm_tokenizer = workflow.load_reward_model(path, model_args)
+    cfg, params, rm_tokenizer = model_io.load_reward_model(path, model_args)
     if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"the reward model {path} has another tokenizer than the policy ({len(rm_tokenizer)} vs "
                          f"{len(tokenizer)} tokens): it cannot score the policy's token ids")
@@ -184,12 +184,12 @@ def sample_model(cfg: models.ModelConfig, params: Any, tokenizer: Any, prompts: 
                  sample_args: Any, reward: RewardModel | None = None, num_samples: int = 1, mesh=None, rules=None
                  ) -> tuple[Samples, list[rollout.Rollout]]:
     """Sample ``num_samples`` responses per prompt (rows prompt-major) and score them with ``reward``."""
-    from rlhf_jax import workflow
+    from rlhf_jax import sampling
 
-    texts, rollouts = workflow.sample(cfg, params, tokenizer, prompts, key=key, sample_args=sample_args,
+    texts, rollouts = sampling.sample(cfg, params, tokenizer, prompts, key=key, sample_args=sample_args,
                                       num_samples=num_samples, mesh=mesh, rules=rules)
     flat = [t for per_prompt in texts for t in per_prompt]
-    scores = None if reward is None else workflow.rm_scores(reward.cfg, reward.params, rollouts)
+    scores = None if reward is None else rm_scores(reward.cfg, reward.params, rollouts)
     return Samples.from_rollouts(flat, rollouts, scores), rollouts
 
 
@@ -246,13 +246,12 @@ def evaluate_policy(cfg: models.ModelConfig, params: Any, ref_params: Any, token
                     mesh=None, rules=None) -> dict[str, Any]:
     """Sample the policy (key ``seed``) and the reference (key ``seed + 1``) on the same held-out
     prompts and :func:`compare` them, with the Monte-Carlo KL(π ‖ π_ref) of the policy's samples."""
-    from rlhf_jax import workflow
 
     policy, rollouts = sample_model(cfg, params, tokenizer, prompts, key=jax.random.key(seed), sample_args=sample_args,
                                     reward=reward, mesh=mesh, rules=rules)
     reference, _ = sample_model(cfg, ref_params, tokenizer, prompts, key=jax.random.key(seed + 1),
                                 sample_args=sample_args, reward=reward, mesh=mesh, rules=rules)
-    kl = workflow.kl_to_reference(cfg, params, ref_params, rollouts)[:len(prompts)]
+    kl = kl_to_reference(cfg, params, ref_params, rollouts)[:len(prompts)]
     return compare(prompts, policy, reference, kl=kl, gold=gold)
 
 
@@ -278,3 +277,33 @@ def summary(result: Mapping[str, Any]) -> str:
     parts.append(f"KL {result['kl']:.2f}, {result['response_tokens']:.1f} tokens, EOS {result['eos_rate']:.0%}"
                  f" on {result['num_prompts']} held-out prompts")
     return "; ".join(parts)
+
+
+# --- Scores and KL of sampled rollouts --------------------------------------------------------------
+
+_token_logps = jax.jit(objectives.token_logps, static_argnums=0)  # compiled once per (cfg, shapes), reused by every call
+_reward_scores = jax.jit(objectives.reward_scores, static_argnums=0)
+
+
+def kl_to_reference(cfg: models.ModelConfig, params: Any, ref_params: Any, rollouts: Sequence[rollout.Rollout]
+                    ) -> np.ndarray:
+    """Monte-Carlo KL(π ‖ π_ref) per sampled sequence: Σ_t log π(y_t) − log π_ref(y_t) (k1, unbiased
+    for the sequence KL when the samples come from π at temperature 1)."""
+    out = []
+    for r in rollouts:
+        kl_BT = kl.kl_k1(_token_logps(cfg, params, r.sequences_BT, r.attention_mask_BT),
+                         _token_logps(cfg, ref_params, r.sequences_BT, r.attention_mask_BT))
+        out.append(np.asarray(ops.masked_sum(kl_BT, r.scored_mask_BT, axis=-1)))
+    return np.concatenate(out)
+
+
+def gold_eval(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    """Gold scores from the simulated annotator's scorer (embedded default only)."""
+    from rlhf_jax.data.simulated import gold_scores
+
+    return gold_scores(list(prompts), list(responses))
+
+
+def rm_scores(cfg: models.ModelConfig, rm_params: Any, rollouts: Sequence[rollout.Rollout]) -> np.ndarray:
+    """Reward-model score of every sampled sequence (last real token)."""
+    return np.concatenate([np.asarray(_reward_scores(cfg, rm_params, r.sequences_BT, r.attention_mask_BT)) for r in rollouts])

@@ -12,13 +12,14 @@ All are computed in float32.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Literal
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import ops
+from rlhf_jax import ops, registry
 from rlhf_jax.metrics import Metric, Metrics
 from rlhf_jax.ops import Aggregation
 
@@ -50,13 +51,24 @@ def kl_abs(logps_BT: jax.Array, ref_logps_BT: jax.Array) -> jax.Array:
     return jnp.abs(_log_r(logps_BT, ref_logps_BT))
 
 
-KL_ESTIMATORS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
-    "k1": kl_k1,
-    "k2": kl_k2,
-    "mse": kl_k2,
-    "k3": kl_k3,
-    "abs": kl_abs,
-}
+for _name, _fn in (("k1", kl_k1), ("k2", kl_k2), ("mse", kl_k2), ("k3", kl_k3), ("abs", kl_abs)):
+    registry.KL_ESTIMATORS.register(_name, _fn)
+KL_ESTIMATORS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = dict(registry.KL_ESTIMATORS._entries)
+
+
+@dataclasses.dataclass(frozen=True)
+class KLPlacement:
+    """Where the KL to the reference acts (``registry.KL_PLACEMENTS``)."""
+
+    in_reward: bool
+    """−β·KL_t joins the reward (InstructGPT / lm-human-preferences PPO; RLOO, REINFORCE++)."""
+    in_loss: bool
+    """β·KL(π‖π_ref) is a differentiable loss term (GRPO, Shao et al. 2024, eq. 3: k3)."""
+
+
+registry.KL_PLACEMENTS.register("reward", KLPlacement(in_reward=True, in_loss=False))
+registry.KL_PLACEMENTS.register("loss", KLPlacement(in_reward=False, in_loss=True))
+registry.KL_PLACEMENTS.register("none", KLPlacement(in_reward=False, in_loss=False))
 
 
 def kl_penalty(logps_BT: jax.Array, ref_logps_BT: jax.Array, *, estimator: Estimator = "k1") -> jax.Array:
@@ -65,9 +77,7 @@ def kl_penalty(logps_BT: jax.Array, ref_logps_BT: jax.Array, *, estimator: Estim
     ``"k1"`` is the RLHF default (Ziegler et al. 2019; Stiennon et al. 2020). See the module
     docstring for the estimators. Padding positions are not masked here: the caller's mask is.
     """
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {sorted(KL_ESTIMATORS)}")
-    return KL_ESTIMATORS[estimator](logps_BT, ref_logps_BT)
+    return registry.KL_ESTIMATORS[estimator](logps_BT, ref_logps_BT)
 
 
 def kl_loss(
@@ -77,6 +87,7 @@ def kl_loss(
     *,
     estimator: Estimator = "k3",
     aggregation: Aggregation = "token_mean",
+    max_len: int | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """KL to the reference as a differentiable loss term (GRPO, Shao et al. 2024, §4.1, eq. 4: k3).
 
@@ -86,7 +97,7 @@ def kl_loss(
     coefficient outside. Metrics: ``kl/loss`` and ``kl/<estimator>`` (token mean); empty mask → 0.
     """
     kl_BT = kl_penalty(logps_BT, ref_logps_BT, estimator=estimator)
-    loss = ops.masked_aggregate(kl_BT, mask_BT, aggregation)
+    loss = ops.masked_aggregate(kl_BT, mask_BT, aggregation, max_len=max_len)
     metrics = {"kl/loss": loss, f"kl/{estimator}": Metric.masked(kl_BT, mask_BT)}
     return loss.mean(), metrics
 

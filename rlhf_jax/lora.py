@@ -83,7 +83,7 @@ class LoraConfig:
     """Seed of A's initialisation and of the dropout masks."""
     load: str | None = None
     """A PEFT LoRA directory (ours or peft's save_pretrained) to continue training; its rank, alpha and
-    targets are used (the scripts: rlhf_jax.workflow.Trainable.create)."""
+    targets are used (the scripts: rlhf_jax.trainable.Trainable.create)."""
 
     def __post_init__(self):
         if self.rank < 0:

@@ -5,15 +5,14 @@ values act as weights). Reductions over an empty mask return 0, never NaN.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax import registry
 from rlhf_jax.metrics import Metric
 
-Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
-AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+Aggregation = str
+"""A name in ``registry.AGGREGATIONS``: token_mean, seq_mean_token_mean, seq_mean_token_sum, seq_mean_token_sum_norm."""
 
 
 def _f32(x) -> jax.Array:
@@ -67,28 +66,46 @@ def masked_whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8) -> jax
     return jnp.where(mask > 0, out, 0.0)
 
 
-def masked_aggregate(values_BT, mask_BT, aggregation: Aggregation = "token_mean") -> Metric:
+def masked_aggregate(values_BT, mask_BT, aggregation: Aggregation = "token_mean", *, max_len: int | None = None) -> Metric:
     """Reduce per-token losses ``values_BT`` to a :class:`Metric` whose ``mean()`` is the loss.
 
-    - ``"token_mean"``: ``Σ_bt v·m / Σ_bt m`` — every token of the batch weighs the same.
-    - ``"seq_mean_token_mean"``: ``mean_b (Σ_t v·m / Σ_t m)`` — each sequence weighs the same
-      (the original PPO-for-LM and GRPO normalisation, Shao et al. 2024 eq. 3).
-    - ``"seq_mean_token_sum"``: ``mean_b Σ_t v·m`` — sum over tokens, mean over sequences.
-
-    Sequence means run over rows with at least one unmasked token, so fully padded rows and
-    masked tail padding change nothing. Returned as (total, count) so microbatches merge exactly.
+    ``aggregation`` names one of ``registry.AGGREGATIONS`` (the functions below); ``max_len`` is the
+    response-length budget that the constant-normalised ones divide by (None: the mask's width).
+    Returned as (total, count) so microbatches merge exactly.
     """
-    values_BT, mask_BT = _f32(values_BT), _f32(mask_BT)
-    if aggregation == "token_mean":
-        return Metric(total=masked_sum(values_BT, mask_BT), count=jnp.sum(mask_BT))
-    tokens_B = jnp.sum(mask_BT, axis=-1)
-    row_sum_B = masked_sum(values_BT, mask_BT, axis=-1)
-    rows = jnp.sum((tokens_B > 0).astype(jnp.float32))
-    if aggregation == "seq_mean_token_mean":
-        return Metric(total=jnp.sum(_safe_div(row_sum_B, tokens_B)), count=rows)
-    if aggregation == "seq_mean_token_sum":
-        return Metric(total=jnp.sum(row_sum_B), count=rows)
-    raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+    return registry.AGGREGATIONS[aggregation](_f32(values_BT), _f32(mask_BT), max_len=max_len)
+
+
+@registry.AGGREGATIONS.register("token_mean")
+def token_mean(values_BT, mask_BT, **_) -> Metric:
+    """``Σ_bt v·m / Σ_bt m``: every token of the batch weighs the same (DAPO, Yu et al. 2025, eq. 8)."""
+    return Metric(total=masked_sum(values_BT, mask_BT), count=jnp.sum(mask_BT))
+
+
+def _rows(mask_BT) -> jax.Array:
+    """Rows with at least one unmasked token (fully padded rows do not count)."""
+    return jnp.sum((jnp.sum(mask_BT, axis=-1) > 0).astype(jnp.float32))
+
+
+@registry.AGGREGATIONS.register("seq_mean_token_mean")
+def seq_mean_token_mean(values_BT, mask_BT, **_) -> Metric:
+    """``mean_b (Σ_t v·m / Σ_t m)``: each sequence weighs the same (PPO for LMs; GRPO, Shao et al. 2024, eq. 3)."""
+    return Metric(total=jnp.sum(_safe_div(masked_sum(values_BT, mask_BT, axis=-1), jnp.sum(mask_BT, axis=-1))),
+                  count=_rows(mask_BT))
+
+
+@registry.AGGREGATIONS.register("seq_mean_token_sum")
+def seq_mean_token_sum(values_BT, mask_BT, **_) -> Metric:
+    """``mean_b Σ_t v·m``: sum over tokens, mean over sequences."""
+    return Metric(total=masked_sum(values_BT, mask_BT), count=_rows(mask_BT))
+
+
+@registry.AGGREGATIONS.register("seq_mean_token_sum_norm")
+def seq_mean_token_sum_norm(values_BT, mask_BT, *, max_len: int | None = None, **_) -> Metric:
+    """``mean_b Σ_t v·m / L``, L a constant (the response-length budget): Dr. GRPO (Liu et al. 2025, §3.1),
+    which removes GRPO's per-sequence length normalisation and its bias toward long wrong answers."""
+    L = values_BT.shape[-1] if max_len is None else max_len
+    return Metric(total=masked_sum(values_BT, mask_BT) / L, count=_rows(mask_BT))
 
 
 def token_logps(logits_BTV, targets_BT) -> jax.Array:
@@ -115,3 +132,7 @@ def sequence_logps(logps_BT, mask_BT, *, average: bool = False) -> jax.Array:
     if average:
         return masked_mean(logps_BT, mask_BT, axis=-1)
     return masked_sum(logps_BT, mask_BT, axis=-1)
+
+
+AGGREGATIONS: tuple[str, ...] = tuple(registry.AGGREGATIONS._entries)
+"""The registered aggregation names."""

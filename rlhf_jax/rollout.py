@@ -63,6 +63,12 @@ class Rollout:
     prompt_len: int = flax.struct.field(pytree_node=False)
     """P: the response of every row starts at column P of ``sequences_BT``."""
 
+    @property
+    def scored_mask_BT(self) -> jax.Array:
+        """``response_mask_BT`` shifted one column left, the mask of per-token log-probs and values
+        (:mod:`rlhf_jax.types`: column t scores token t + 1): 1 at t iff token t + 1 is a response token."""
+        return jnp.pad(self.response_mask_BT[:, 1:], ((0, 0), (0, 1)))
+
 
 def top_k_filter(logits_BV: jax.Array, k: int) -> jax.Array:
     """Set to -inf every logit below the k-th largest of its row.

@@ -9,7 +9,7 @@ import pytest
 from fixtures.tiny_tokenizer import make_tokenizer
 from smollm2 import smollm2_gguf
 
-from rlhf_jax import models, steps
+from rlhf_jax import models, objectives
 from rlhf_jax.data import (DataError, Message, PairRow, PromptRow, SFTRow, ValidationReport, collate_pairs,
                            collate_prompts, collate_sft, embedded, encode, encode_prompts, simulated)  # noqa: F401
 from rlhf_jax.data.chat import as_conversation, transcript_messages
@@ -98,7 +98,7 @@ def test_reward_model_is_trained_on_the_token_ppo_scores(smol_tok):
     prompt = "Customer: My parcel never arrived.\nAgent:"  # a text prompt, as the world writes them
     row = PairRow(prompt, " I will send a new one today.", " Not my problem.")
     pair = collate_pairs(encode([row], smol_tok, max_len=96), pad_id=smol_tok.pad_token_id, length=96)
-    trained = steps.reward_scores(cfg, rm, jnp.asarray(pair.chosen_ids_BT), jnp.asarray(pair.chosen_attention_mask_BT))
+    trained = objectives.reward_scores(cfg, rm, jnp.asarray(pair.chosen_ids_BT), jnp.asarray(pair.chosen_attention_mask_BT))
 
     # PPO's side: the left-padded prompt batch the rollout starts from, then the sampled reply up to
     # and including the EOS the sampler stopped at, then right padding (rlhf_jax.rollout's layout)
@@ -111,7 +111,7 @@ def test_reward_model_is_trained_on_the_token_ppo_scores(smol_tok):
     response_mask = (np.arange(R) < len(sampled)).astype(np.int32)[None]
     sequences = np.concatenate([prompts.prompt_ids_BP, response], 1)
     attention = np.concatenate([prompts.prompt_mask_BP, response_mask], 1)
-    scored = steps.reward_scores(cfg, rm, jnp.asarray(sequences), jnp.asarray(attention))
+    scored = objectives.reward_scores(cfg, rm, jnp.asarray(sequences), jnp.asarray(attention))
 
     real_train = pair.chosen_ids_BT[0][pair.chosen_attention_mask_BT[0] == 1].tolist()
     real_ppo = sequences[0][attention[0] == 1].tolist()

@@ -102,8 +102,8 @@ def _script(name):
 
 def test_sft_on_the_embedded_model_resolves_to_the_tuned_values():
     sft = _script("sft")
-    from rlhf_jax import workflow
-    model_cfg, _, tokenizer = workflow.load_lm(workflow.ModelArgs())
+    from rlhf_jax import cli, model_io
+    model_cfg, _, tokenizer = model_io.load_lm(cli.ModelArgs())
     cfg = sft.resolve_config(sft.SFTConfig(), model_cfg, tokenizer, [])
     assert (cfg.optim.learning_rate, cfg.max_len, cfg.sample.max_prompt_len, cfg.sample.max_new_tokens) == (2e-3, 96, 48, 48)
 
@@ -129,18 +129,19 @@ def _pretrained_dir(tmp_path):
 
 def test_sft_on_a_pretrained_model_prints_its_defaults_and_fits_max_len_to_the_data(tmp_path, capsys):
     sft = _script("sft")
-    from rlhf_jax import workflow
+    from rlhf_jax import cli, model_io
+    from rlhf_jax.data import sources
     path = _pretrained_dir(tmp_path)
     data = tmp_path / "demos.jsonl"
     rows = [{"prompt": f"say {w}", "completion": f"{w} {w} {w}"} for w in ["red", "green", "blue", "yellow", "cyan", "pink", "black", "white", "grey", "brown"]]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = sft.SFTConfig(model=workflow.ModelArgs(path=str(path)),
-                        data=workflow.DataArgs(path=str(data), eval_fraction=0.0),
-                        run=workflow.RunArgs(out=str(tmp_path / "run"), log_every=1, save_every=100),
+    cfg = sft.SFTConfig(model=cli.ModelArgs(path=str(path)),
+                        data=cli.DataArgs(path=str(data), eval_fraction=0.0),
+                        run=cli.RunArgs(out=str(tmp_path / "run"), log_every=1, save_every=100),
                         steps=2, batch_size=8, eval_every=0, num_eval_samples=0)
-    model_cfg, _, tokenizer = workflow.load_lm(cfg.model)
+    model_cfg, _, tokenizer = model_io.load_lm(cfg.model)
     assert defaults.model_kind(model_cfg) == "pretrained"
-    train_rows = workflow.rows_from(cfg.data, "sft", "train", None)
+    train_rows = sources.rows_from(cfg.data, "sft", "train", None)
     from rlhf_jax.data import encode
     longest = max(e.length for e in encode(train_rows, tokenizer, max_len=128))
     resolved = sft.resolve_config(cfg, model_cfg, tokenizer, train_rows)
@@ -155,9 +156,9 @@ def test_sft_on_a_pretrained_model_prints_its_defaults_and_fits_max_len_to_the_d
 
 
 def test_every_script_resolves_the_embedded_model_to_todays_values():
-    from rlhf_jax import workflow
+    from rlhf_jax import cli, model_io
     from rlhf_jax.data import PromptRow
-    model_cfg, _, tokenizer = workflow.load_lm(workflow.ModelArgs())
+    model_cfg, _, tokenizer = model_io.load_lm(cli.ModelArgs())
     prompts = [PromptRow(prompt=f"p{i}") for i in range(64)]
     rm = _script("reward_model").resolve_config(_script("reward_model").RewardConfig(), model_cfg, tokenizer, [])
     assert (rm.optim.learning_rate, rm.max_len, rm.sample.max_prompt_len, rm.sample.max_new_tokens) == (3e-4, 96, 48, 48)
@@ -172,10 +173,10 @@ def test_every_script_resolves_the_embedded_model_to_todays_values():
 
 
 def test_ppo_rollout_fits_a_small_prompt_file_and_a_larger_request_is_refused(tmp_path):
-    from rlhf_jax import workflow
+    from rlhf_jax import cli, model_io
     from rlhf_jax.data import PromptRow
     ppo_mod = _script("ppo")
-    model_cfg, _, tokenizer = workflow.load_lm(workflow.ModelArgs(path=str(_pretrained_dir(tmp_path))))
+    model_cfg, _, tokenizer = model_io.load_lm(cli.ModelArgs(path=str(_pretrained_dir(tmp_path))))
     prompts = [PromptRow(prompt=f"tell me about the number {i}") for i in range(12)]
     cfg = ppo_mod.resolve_config(ppo_mod.PPOConfig(), model_cfg, tokenizer, prompts)
     assert cfg.rollout_prompts == 12 and cfg.sample.batch_size == 12 and cfg.optim.learning_rate == 3e-6

@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from rlhf_jax import evaluation, workflow
+from rlhf_jax import cli, evaluation
+from rlhf_jax.data import sources
 from rlhf_jax.configs import OptimizerConfig
 from rlhf_jax.data import Message, PairRow, PromptRow
 
@@ -172,27 +173,27 @@ def _rows(n_prompts: int, repeats: int = 2) -> list[PairRow]:
 
 def test_split_holds_out_whole_prompts_independently_of_order():
     rows = _rows(400)
-    train, held = workflow.split_held_out(rows, 0.1)
-    train_prompts, held_prompts = {workflow._prompt_key(r.prompt) for r in train}, {workflow._prompt_key(r.prompt) for r in held}
+    train, held = sources.split_held_out(rows, 0.1)
+    train_prompts, held_prompts = {sources._prompt_key(r.prompt) for r in train}, {sources._prompt_key(r.prompt) for r in held}
     assert not train_prompts & held_prompts
     assert len(train) + len(held) == len(rows)
     assert 20 <= len(held_prompts) <= 60  # about 10% of 400
     shuffled = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
-    _, held_shuffled = workflow.split_held_out(shuffled, 0.1)
+    _, held_shuffled = sources.split_held_out(shuffled, 0.1)
     assert set(held_shuffled) == set(held)  # a prompt is held out wherever it appears
-    _, held_more = workflow.split_held_out(rows, 0.3)
+    _, held_more = sources.split_held_out(rows, 0.3)
     assert set(held) <= set(held_more)
-    assert workflow.split_held_out(rows, 0.0) == (rows, [])
+    assert sources.split_held_out(rows, 0.0) == (rows, [])
 
 
 def test_split_of_tiny_files():
     two = _rows(2, repeats=1)
-    train, held = workflow.split_held_out(two, 0.05)
+    train, held = sources.split_held_out(two, 0.05)
     assert len(train) == 1 and len(held) == 1
-    train, held = workflow.split_held_out(two, 0.99)
+    train, held = sources.split_held_out(two, 0.99)
     assert len(train) == 1 and len(held) == 1
     one = _rows(1, repeats=3)
-    assert workflow.split_held_out(one, 0.5) == (one, [])
+    assert sources.split_held_out(one, 0.5) == (one, [])
 
 
 def test_rows_from_a_user_file_splits_and_says_so(tmp_path, capsys):
@@ -200,22 +201,22 @@ def test_rows_from_a_user_file_splits_and_says_so(tmp_path, capsys):
     lines = [{"prompt": f"text prompt {i}"} if i % 2 else {"prompt": [{"role": "user", "content": f"chat {i}"}]}
              for i in range(60)]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    data = workflow.DataArgs(path=str(path), eval_fraction=0.2)
-    train = workflow.rows_from(data, "prompt", "train", None)
-    held = workflow.rows_from(data, "prompt", "eval", None)
+    data = cli.DataArgs(path=str(path), eval_fraction=0.2)
+    train = sources.rows_from(data, "prompt", "train", None)
+    held = sources.rows_from(data, "prompt", "eval", None)
     assert all(isinstance(r, PromptRow) for r in train + held)
     assert len(train) + len(held) == 60 and held and not set(train) & set(held)
     printed = capsys.readouterr().out
     assert printed.count("held out for evaluation") == 1 and "--data.eval-fraction 0.2" in printed
-    with_file = workflow.DataArgs(path=str(path), eval_path=str(path))
-    assert len(workflow.rows_from(with_file, "prompt", "train", None)) == 60  # an eval file: no split
+    with_file = cli.DataArgs(path=str(path), eval_path=str(path))
+    assert len(sources.rows_from(with_file, "prompt", "train", None)) == 60  # an eval file: no split
     with pytest.raises(ValueError, match="eval-fraction"):
-        workflow.DataArgs(eval_fraction=1.0)
+        cli.DataArgs(eval_fraction=1.0)
 
 
 def test_eval_prompts_are_distinct_in_order():
     rows = _rows(5, repeats=3)
-    prompts = workflow.eval_prompts(rows, 4)
+    prompts = sources.eval_prompts(rows, 4)
     assert prompts == [rows[0].prompt, rows[3].prompt, rows[6].prompt, rows[9].prompt]
 
 
@@ -230,7 +231,7 @@ def test_logged_learning_rate_is_the_step_size_adam_applied(accum):
 
     from rlhf_jax.train_state import make_optimizer
 
-    optim = workflow.optimizer_for(OptimizerConfig(learning_rate=0.1, warmup_steps=3, b2=0.9, eps=0.0,
+    optim = cli.optimizer_for(OptimizerConfig(learning_rate=0.1, warmup_steps=3, b2=0.9, eps=0.0,
                                                    max_grad_norm=None, grad_accum_steps=accum), 12 * accum)
     assert optim.total_steps == 12 and optim.warmup_steps == 3
     tx = make_optimizer(optim)
@@ -240,11 +241,11 @@ def test_logged_learning_rate_is_the_step_size_adam_applied(accum):
         updates, state = tx.update({"w": jnp.ones(())}, state, params)
         step = -float(updates["w"])
         if call % accum == 0:
-            assert step == pytest.approx(workflow.learning_rate(optim, call), rel=1e-5, abs=1e-9), call
+            assert step == pytest.approx(cli.learning_rate(optim, call), rel=1e-5, abs=1e-9), call
         else:
             assert step == 0.0
 
 
 def test_optimizer_for_fits_a_short_run():
-    optim = workflow.optimizer_for(OptimizerConfig(warmup_steps=20, total_steps=10_000), 8)
+    optim = cli.optimizer_for(OptimizerConfig(warmup_steps=20, total_steps=10_000), 8)
     assert optim.total_steps == 8 and optim.warmup_steps == 7

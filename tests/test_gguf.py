@@ -370,10 +370,10 @@ def test_convert_refuses_a_non_empty_directory(tmp_path):
 
 
 def test_workflow_load_lm_reads_a_gguf(tmp_path):
-    from rlhf_jax import workflow  # noqa: PLC0415
+    from rlhf_jax import cli, model_io  # noqa: PLC0415
 
     path = write_tiny_gguf(tmp_path / "m.gguf")
-    cfg, params, tokenizer = workflow.load_lm(workflow.ModelArgs(path=str(path), compute_dtype="bfloat16"))
+    cfg, params, tokenizer = model_io.load_lm(cli.ModelArgs(path=str(path), compute_dtype="bfloat16"))
     assert (cfg.model_type, cfg.vocab_size, cfg.compute_dtype) == ("llama", TINY["V"], np.dtype(jnp.bfloat16))
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
     assert tokenizer.chat_template.startswith("{% for m in messages %}")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rlhf_jax import checkpoint, evaluation, workflow
+from rlhf_jax import checkpoint, evaluation, trainer
 from rlhf_jax.configs import CheckpointConfig
 from rlhf_jax.logging import MetricsLogger, read_metrics
 from rlhf_jax.train_state import TrainState
@@ -71,7 +71,7 @@ def test_checkpoint_save_logs_no_ocdbt_warning_and_restores_the_rng(tmp_path, ca
         checkpoint.save(manager, 1, _state(), rng=key, data_state={"index": 5}, config={"x": 1}, force=True)
         manager.wait_until_finished()
     assert not [r for r in caplog.records if "OCDBT" in r.getMessage()], [r.getMessage() for r in caplog.records]
-    restored = checkpoint.restore(manager, workflow.abstract_of(_state()))
+    restored = checkpoint.restore(manager, trainer.abstract_of(_state()))
     np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(key))
     assert jax.random.key_impl(restored.rng) == jax.random.key_impl(key)
     assert restored.data_state == {"index": 5} and restored.config == {"x": 1}
@@ -87,7 +87,7 @@ def test_checkpoints_written_with_orbax_random_key_item_still_restore(tmp_path):
                               data=ocp.args.JsonSave({"index": 2}), config=ocp.args.JsonSave({}))
     manager.save(4, args=args, force=True)
     manager.wait_until_finished()
-    restored = checkpoint.restore(manager, workflow.abstract_of(_state()))
+    restored = checkpoint.restore(manager, trainer.abstract_of(_state()))
     np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(key))
     assert restored.step == 4 and restored.data_state == {"index": 2}
     np.testing.assert_array_equal(restored.state.params["w"], np.arange(3.0))

@@ -31,7 +31,8 @@ from rlhf_jax import lora, losses, models
 from rlhf_jax.configs import MeshConfig, OptimizerConfig
 from rlhf_jax.metrics import to_floats
 from rlhf_jax.sharding import DEFAULT_RULES, make_mesh, replicated
-from rlhf_jax.steps import dpo_objective, make_dpo_step, make_sft_step, pair_logps, sft_objective, with_view
+from rlhf_jax.objectives import dpo_objective, pair_logps, sft_objective
+from rlhf_jax.steps import make_dpo_step, make_sft_step, with_view
 from rlhf_jax.train_state import make_optimizer, place_train_state, shardings_of
 
 CFG = tiny_model_config()
@@ -313,13 +314,13 @@ def test_peft_errors_name_the_file_and_the_field(tiny_llama, tmp_path):
 def test_trainable_continues_a_peft_adapter_and_exports_it_again(tiny_llama, tmp_path):
     """--lora.load DIR: the adapter's own rank, alpha and targets replace the flags'; the placed state
     starts from its weights; the stage's exports (merged hf/, peft/) hold the same model."""
-    from rlhf_jax import workflow
+    from rlhf_jax import trainable
 
     path, cfg, params, ids, mask = tiny_llama
     saved_cfg = lora.LoraConfig(rank=3, alpha=6.0, targets=("q", "down"))
     adapters = _trained_adapters(cfg, saved_cfg, seed=9)
     lora.save_peft(tmp_path / "in", cfg, saved_cfg, adapters)
-    trainable = workflow.Trainable.create(lora.LoraConfig(rank=8, dropout=0.1, load=str(tmp_path / "in")), cfg)
+    trainable = trainable.Trainable.create(lora.LoraConfig(rank=8, dropout=0.1, load=str(tmp_path / "in")), cfg)
     assert (trainable.lora_cfg.rank, trainable.lora_cfg.alpha, trainable.lora_cfg.dropout) == (3, 6.0, 0.1)
     assert lora.target_names(cfg, trainable.lora_cfg) == ("q", "down")
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])

@@ -11,7 +11,7 @@ from fixtures.tiny_tokenizer import make_tokenizer
 
 from rlhf_jax import models
 from rlhf_jax.data import SFTRow, collate_sft, encode, pack
-from rlhf_jax.steps import next_token_logps, sft_objective
+from rlhf_jax.objectives import next_token_logps, sft_objective
 
 LENGTH = 32
 PROMPTS = ["Name a prime.", "Say hi.", "Tell a joke.", "Translate to French: cheese", "Help", "What is 2+2?"]

@@ -15,7 +15,8 @@ import pytest
 
 from test_experiments import EXPERIMENTS
 
-from rlhf_jax import lora, workflow
+from rlhf_jax import cli, evaluation, lora, model_io, sampling
+from rlhf_jax.data import sources
 from rlhf_jax.configs import OptimizerConfig
 from rlhf_jax.data import simulated
 
@@ -25,29 +26,29 @@ import reward_model  # noqa: E402
 
 @pytest.mark.parametrize("rank", [0, 4])
 def test_reward_normalisation_samples_the_sft_policy(tmp_path, rank):
-    model_cfg, params, tokenizer = workflow.load_lm(workflow.ModelArgs(), jax.random.key(0))
-    sft_dir = workflow.export_lm(tmp_path / "sft", model_cfg, params, tokenizer)
+    model_cfg, params, tokenizer = model_io.load_lm(cli.ModelArgs(), jax.random.key(0))
+    sft_dir = model_io.export_lm(tmp_path / "sft", model_cfg, params, tokenizer)
     cfg = reward_model.RewardConfig(
-        model=workflow.ModelArgs(path=str(sft_dir)), steps=4, batch_size=8, eval_every=0, normalize_samples=16,
-        data=workflow.DataArgs(num_train=64, num_eval=16, seed=1),
+        model=cli.ModelArgs(path=str(sft_dir)), steps=4, batch_size=8, eval_every=0, normalize_samples=16,
+        data=cli.DataArgs(num_train=64, num_eval=16, seed=1),
         optim=OptimizerConfig(learning_rate=3e-2 if rank else 1e-2, warmup_steps=0, total_steps=4),
         lora=lora.LoraConfig(rank=rank, targets=("all",)),
-        run=workflow.RunArgs(out=str(tmp_path / "run")))
+        run=cli.RunArgs(out=str(tmp_path / "run")))
     result = reward_model.main(cfg)
 
-    train_rows = workflow.rows_from(cfg.data, "pairwise", "train", simulated.pairwise_rows)
-    eval_rows = workflow.rows_from(cfg.data, "pairwise", "eval", simulated.pairwise_rows)
+    train_rows = sources.rows_from(cfg.data, "pairwise", "train", simulated.pairwise_rows)
+    eval_rows = sources.rows_from(cfg.data, "pairwise", "eval", simulated.pairwise_rows)
     resolved = reward_model.resolve_config(cfg, model_cfg, tokenizer, train_rows + eval_rows)
     prompts = [r.prompt for r in train_rows][:16]
-    rm_cfg, rm_params, _ = workflow.load_reward_model(result["hf"])
+    rm_cfg, rm_params, _ = model_io.load_reward_model(result["hf"])
 
     def raw_scores(policy):
-        _, rollouts = workflow.sample(model_cfg, policy, tokenizer, prompts, key=jax.random.key(cfg.run.seed + 7),
+        _, rollouts = sampling.sample(model_cfg, policy, tokenizer, prompts, key=jax.random.key(cfg.run.seed + 7),
                                       sample_args=resolved.sample)
-        folded = workflow.rm_scores(rm_cfg, rm_params, rollouts)[:len(prompts)]
+        folded = evaluation.rm_scores(rm_cfg, rm_params, rollouts)[:len(prompts)]
         return (folded - result["bias"]) / result["gain"]
 
-    sft_scores = raw_scores(workflow.load_lm(dataclasses.replace(cfg.model, path=str(sft_dir)))[1])
+    sft_scores = raw_scores(model_io.load_lm(dataclasses.replace(cfg.model, path=str(sft_dir)))[1])
     np.testing.assert_allclose(sft_scores.mean(), result["raw_score_mean"], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(sft_scores.std(), result["raw_score_std"], rtol=1e-3, atol=1e-4)
     own = raw_scores(rm_params["backbone"])  # what the old code sampled

@@ -32,7 +32,7 @@ from hf_fixtures import hf_logits
 from smollm2 import smollm2_gguf
 from test_experiments import EVAL_KEYS, RM_KEYS, _run
 
-from rlhf_jax import models, workflow
+from rlhf_jax import evaluation, model_io, models
 
 QUESTIONS = [
     ("What is the capital of France?", "Paris.", "London."),
@@ -156,15 +156,15 @@ def test_reward_model_export_scores_the_same_in_transformers(smol_run, chat_batc
     out, _ = smol_run
     ids, mask, tokenizer = chat_batch
     hf_dir = out / "rm" / "hf"
-    cfg, rm_params, _ = workflow.load_reward_model(hf_dir)
-    ours = np.asarray(workflow._reward_scores(cfg, rm_params, jnp.asarray(ids), jnp.asarray(mask)))
+    cfg, rm_params, _ = model_io.load_reward_model(hf_dir)
+    ours = np.asarray(evaluation._reward_scores(cfg, rm_params, jnp.asarray(ids), jnp.asarray(mask)))
     del rm_params
     backbone = transformers.AutoModel.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
     m = torch.as_tensor(mask, dtype=torch.long)
     with torch.no_grad():
         hidden = backbone(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=m,
                           position_ids=(m.cumsum(-1) - 1).masked_fill(m == 0, 1)).last_hidden_state.numpy()
-    head = load_file(str(hf_dir / workflow.REWARD_HEAD_FILE))
+    head = load_file(str(hf_dir / model_io.REWARD_HEAD_FILE))
     theirs = hidden[:, -1] @ head["kernel"] + head["bias"][0]  # left padding: the last column is the last token
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
     assert np.ptp(theirs) > 0  # the two prompts score differently

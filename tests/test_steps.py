@@ -11,8 +11,11 @@ from rlhf_jax import losses, models, rollout
 from rlhf_jax.configs import MeshConfig, OptimizerConfig
 from rlhf_jax.metrics import to_floats
 from rlhf_jax.sharding import DEFAULT_RULES, logical_to_sharding, make_mesh, replicated, shard_batch
-from rlhf_jax.steps import (dpo_objective, make_dpo_step, make_eval_step, make_ppo_score_step, make_ppo_step,
-                            ppo_objective, reward_objective, reward_scores, sft_objective)
+from rlhf_jax.objectives import dpo_objective, reward_objective, reward_scores, sft_objective
+from rlhf_jax.rl.algorithms import PRESETS, Algorithm
+from rlhf_jax.rl.objective import rl_objective
+from rlhf_jax.rl.steps import make_score_step, make_update_step
+from rlhf_jax.steps import make_dpo_step, make_eval_step
 from rlhf_jax.train_state import create_train_state, make_optimizer, shardings_of
 
 from mesh_case import copy_state, pair_batch, sft_batch, sft_setup, tiny_model_config
@@ -139,6 +142,15 @@ def ppo_setup():
     return mesh, jax.device_get(sample)
 
 
+PPO = PRESETS["ppo"]
+
+
+def _no_extras(sample, mesh):
+    """No reward-function scores, every row trains."""
+    B = sample.sequences_BT.shape[0]
+    return shard_batch((np.zeros(B, np.float32), np.ones(B, np.float32)), mesh, DEFAULT_RULES)
+
+
 def _ppo_state(mesh, optimizer, separate_critic):
     head = lambda seed: models.init_scalar_head(CFG, jax.random.key(seed), 0.125)
     if separate_critic:
@@ -158,14 +170,15 @@ def test_ppo_first_step_has_unit_ratio_and_improves_its_objective(ppo_setup):
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=100))
     state = _ppo_state(mesh, optimizer, separate_critic=False)
     shardings = shardings_of(state)
-    score = make_ppo_score_step(CFG, CFG, shardings, mesh, DEFAULT_RULES, whiten_advantages=True)
-    ppo_batch, rollout_metrics = score(state, shard_batch(sample, mesh, DEFAULT_RULES), jnp.float32(0.05))
+    score = make_score_step(CFG, CFG, shardings, mesh, DEFAULT_RULES, algo=PPO)
+    ppo_batch, rollout_metrics = score(state, shard_batch(sample, mesh, DEFAULT_RULES), jnp.float32(0.05),
+                                       *_no_extras(sample, mesh))
     assert float(ppo_batch.response_mask_BT.sum()) == float(sample.response_mask_BT.sum())
-    objective = functools.partial(ppo_objective, model_cfg=CFG)
+    objective = functools.partial(rl_objective, model_cfg=CFG, algo=PPO)
     evaluate = make_eval_step(objective, shardings, mesh, DEFAULT_RULES)
     before = to_floats(evaluate(state, ppo_batch))
 
-    step = make_ppo_step(CFG, optimizer, shardings, mesh, DEFAULT_RULES, epochs=1, num_minibatches=1)
+    step = make_update_step(CFG, optimizer, shardings, mesh, DEFAULT_RULES, epochs=1, num_minibatches=1, algo=PPO)
     state, metrics = step(state, ppo_batch, jax.random.key(0))
     metrics = to_floats(metrics)
     assert metrics["ppo/clipfrac"] == 0.0
@@ -182,12 +195,12 @@ def test_ppo_epochs_and_minibatches_with_a_separate_critic(ppo_setup):
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=100))
     state = _ppo_state(mesh, optimizer, separate_critic=True)
     shardings = shardings_of(state)
-    score = make_ppo_score_step(CFG, CFG, shardings, mesh, DEFAULT_RULES)
-    ppo_batch, _ = score(state, shard_batch(sample, mesh, DEFAULT_RULES), jnp.float32(0.05))
+    score = make_score_step(CFG, CFG, shardings, mesh, DEFAULT_RULES, algo=PPO)
+    ppo_batch, _ = score(state, shard_batch(sample, mesh, DEFAULT_RULES), jnp.float32(0.05), *_no_extras(sample, mesh))
     critic_before = jax.device_get(state.params["critic"]["head"]["kernel"])
     frozen_before = jax.device_get(state.frozen)
 
-    step = make_ppo_step(CFG, optimizer, shardings, mesh, DEFAULT_RULES, epochs=3, num_minibatches=2)
+    step = make_update_step(CFG, optimizer, shardings, mesh, DEFAULT_RULES, epochs=3, num_minibatches=2, algo=PPO)
     state, metrics = step(state, ppo_batch, jax.random.key(1))
     tokens = float(ppo_batch.response_mask_BT.sum())
     # every token seen once per epoch; one optimizer call per minibatch
@@ -196,7 +209,7 @@ def test_ppo_epochs_and_minibatches_with_a_separate_critic(ppo_setup):
     assert not np.allclose(jax.device_get(state.params["critic"]["head"]["kernel"]), critic_before)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), frozen_before)
     with pytest.raises(ValueError, match="does not split into 3 minibatches"):
-        make_ppo_step(CFG, optimizer, shardings, mesh, DEFAULT_RULES, epochs=1, num_minibatches=3)(
+        make_update_step(CFG, optimizer, shardings, mesh, DEFAULT_RULES, epochs=1, num_minibatches=3, algo=PPO)(
             state, ppo_batch, jax.random.key(2))
 
 
@@ -204,10 +217,10 @@ def test_rloo_scoring_gives_each_prompts_samples_opposite_constant_advantages(pp
     mesh, sample = ppo_setup  # 4 prompts x 2 adjacent samples
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=100))
     state = _ppo_state(mesh, optimizer, separate_critic=False)
-    score = make_ppo_score_step(CFG, CFG, shardings_of(state), mesh, DEFAULT_RULES, advantage_estimator="rloo",
-                                num_samples=2, missing_eos_penalty=-1.0)
+    rloo = Algorithm(advantage="rloo", samples_per_prompt=2, kl_placement="reward")
+    score = make_score_step(CFG, CFG, shardings_of(state), mesh, DEFAULT_RULES, algo=rloo, missing_eos_penalty=-1.0)
     assert 0 < sample.has_eos_B.sum() < len(sample.has_eos_B)  # both kinds of response, so both paths are seen
-    batch, metrics = score(state, shard_batch(sample, mesh, DEFAULT_RULES), jnp.float32(0.0))
+    batch, metrics = score(state, shard_batch(sample, mesh, DEFAULT_RULES), jnp.float32(0.0), *_no_extras(sample, mesh))
     mask = np.asarray(batch.response_mask_BT)
     adv = np.asarray(batch.advantages_BT)
     assert np.all(adv[mask == 0] == 0)
@@ -218,7 +231,7 @@ def test_rloo_scoring_gives_each_prompts_samples_opposite_constant_advantages(pp
     np.testing.assert_allclose(per_row[0::2], scores[0::2] - scores[1::2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(per_row[1::2], -per_row[0::2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(metrics["rollout/score"].mean()), scores.mean(), rtol=1e-5)
-    np.testing.assert_array_equal(np.asarray(batch.returns_BT), 0.0)
+    assert batch.returns_BT is None and batch.old_values_BT is None  # critic-free: no values exist
 
 
 @pytest.mark.parametrize("length", [16, 7])
@@ -226,7 +239,7 @@ def test_chunked_logps_and_entropy_equal_the_full_logits_with_gradients(length):
     """logps/entropy unembedded a few positions at a time (chunks of 5, the last one padded) equal
     next_token_logps and entropy_from_logits of the full (B, T, V) logits, and so do their gradients."""
     from rlhf_jax import ops
-    from rlhf_jax.steps import logps_and_entropy_from_hidden, next_token_logps
+    from rlhf_jax.objectives import logps_and_entropy_from_hidden, next_token_logps
 
     params = _lm(0)
     b = sft_batch(3, length=length)

@@ -78,7 +78,7 @@ def as_conversation(prompt: Prompt) -> tuple[Message, ...]:
 
 
 TOKENIZER_ATTRIBUTE = "rlhf_chat_template"
-"""Where ``workflow.load_lm`` records ``--model.chat-template`` on the tokenizer it returns, so that every
+"""Where ``model_io.load_lm`` records ``--model.chat-template`` on the tokenizer it returns, so that every
 encoding of the run (training rows, rollout and evaluation prompts, the reward model's) agrees."""
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax import registry
 from rlhf_jax.metrics import Metric, Metrics
 
 Variant = Literal["dpo", "cdpo", "robust", "ipo", "simpo"]
@@ -136,9 +137,10 @@ def chosen_nll(chosen_logps_B: jax.Array, chosen_lengths_B: jax.Array) -> jax.Ar
     return -jnp.asarray(chosen_logps_B, jnp.float32) / lengths_B
 
 
-DPO_VARIANTS: dict[str, Callable[..., tuple[jax.Array, Metrics]]] = {
-    name: functools.partial(dpo_loss, variant=name) for name in ("dpo", "cdpo", "robust", "ipo", "simpo")
-}
+for _name in ("dpo", "cdpo", "robust", "ipo", "simpo"):
+    registry.PREFERENCE_LOSSES.register(_name, functools.partial(dpo_loss, variant=_name))
+DPO_VARIANTS: dict[str, Callable[..., tuple[jax.Array, Metrics]]] = dict(registry.PREFERENCE_LOSSES._entries)
+"""The pairwise variants by name (the same table as ``registry.PREFERENCE_LOSSES``)."""
 
 
 def kto_loss(

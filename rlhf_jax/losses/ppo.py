@@ -4,11 +4,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import ops
+from rlhf_jax import ops, registry
 from rlhf_jax.metrics import Metric, Metrics
 from rlhf_jax.ops import Aggregation
 
 
+@registry.POLICY_LOSSES.register("ppo_clip")
 def ppo_policy_loss(
     logps_BT: jax.Array,
     old_logps_BT: jax.Array,
@@ -21,6 +22,7 @@ def ppo_policy_loss(
     entropy_BT: jax.Array | None = None,
     entropy_coef: float = 0.0,
     aggregation: Aggregation = "token_mean",
+    max_len: int | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Clipped surrogate objective, per token (Schulman et al. 2017, §3, eq. 7), negated as a loss.
 
@@ -65,7 +67,7 @@ def ppo_policy_loss(
     if entropy_BT is not None and entropy_coef:
         per_token_BT = per_token_BT - entropy_coef * jnp.asarray(entropy_BT, jnp.float32)
 
-    loss = ops.masked_aggregate(per_token_BT, mask_BT, aggregation)
+    loss = ops.masked_aggregate(per_token_BT, mask_BT, aggregation, max_len=max_len)
     metrics = {
         "ppo/policy_loss": loss,
         "ppo/clipfrac": Metric.masked(is_clipped_BT.astype(jnp.float32), mask_BT),
@@ -133,3 +135,78 @@ def value_loss(
         "vf/explained_variance": Metric.scalar(explained_variance(values_BT, returns_BT, mask_BT)),
     }
     return loss.mean(), metrics
+
+
+@registry.POLICY_LOSSES.register("gspo")
+def gspo_policy_loss(
+    logps_BT: jax.Array,
+    old_logps_BT: jax.Array,
+    advantages_BT: jax.Array,
+    mask_BT: jax.Array,
+    *,
+    clip_eps: float = 3e-4,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    entropy_BT: jax.Array | None = None,
+    entropy_coef: float = 0.0,
+    aggregation: Aggregation = "seq_mean_token_mean",
+    max_len: int | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """GSPO: the clipped objective on a sequence-level importance ratio (Zheng et al. 2025, arXiv 2507.18071).
+
+    The ratio is the length-normalised sequence likelihood ratio (eq. 7)
+
+        s_i = (π(y_i|x) / π_old(y_i|x))^{1/|y_i|} = exp( (1/|y_i|) Σ_t (log π(y_i,t) − log π_old(y_i,t)) )
+
+    and the objective (eq. 5) is (1/G) Σ_i min(s_i A_i, clip(s_i, 1 − ε, 1 + ε_high) A_i). It is
+    computed in the GSPO-token form (eq. 13–14): s_i,t = sg[s_i] · π(y_i,t) / sg[π(y_i,t)], whose value is
+    s_i on every token, and the per-token PPO terms ℓ_t = max(−A_t s_i,t, −A_t clip(s_i,t)) are aggregated
+    like :func:`ppo_policy_loss`. With the default ``seq_mean_token_mean`` and the same A on every token of
+    a sequence, value and gradient equal eq. 5's exactly (∂s_i,t/∂log π_t = s_i, then 1/|y_i|); per-token
+    advantages give GSPO-token. The paper's clip range is tiny (ε = 3e-4, ε_high = 4e-4); ``clip_eps`` is
+    taken as given. Dual clip is a per-token device and is rejected. An empty row gives s = 1 and no loss.
+
+    Metrics as :func:`ppo_policy_loss`, per sequence: ``ppo/clipfrac`` is the fraction of sequences
+    whose clipped term is active, ``ppo/ratio`` the mean of s_i; ``ppo/approx_kl_k1``/``_k3`` stay token means.
+    """
+    if dual_clip is not None:
+        raise ValueError("gspo_policy_loss does not take dual_clip (a per-token device); leave it None")
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    mask_BT = jnp.asarray(mask_BT, jnp.float32)
+    adv_BT = jnp.asarray(advantages_BT, jnp.float32)
+    logps_BT = jnp.asarray(logps_BT, jnp.float32)
+    log_ratio_BT = logps_BT - jnp.asarray(old_logps_BT, jnp.float32)
+    seq_log_ratio_B = ops.masked_mean(log_ratio_BT, mask_BT, axis=-1)
+    log_s_BT = jax.lax.stop_gradient(seq_log_ratio_B)[:, None] + logps_BT - jax.lax.stop_gradient(logps_BT)
+    s_BT = jnp.exp(log_s_BT)
+
+    unclipped_BT = -adv_BT * s_BT
+    clipped_BT = -adv_BT * jnp.clip(s_BT, 1.0 - clip_eps, 1.0 + eps_high)
+    per_token_BT = jnp.maximum(unclipped_BT, clipped_BT)
+    is_clipped_BT = (clipped_BT > unclipped_BT).astype(jnp.float32)
+    if entropy_BT is not None and entropy_coef:
+        per_token_BT = per_token_BT - entropy_coef * jnp.asarray(entropy_BT, jnp.float32)
+
+    loss = ops.masked_aggregate(per_token_BT, mask_BT, aggregation, max_len=max_len)
+    has_tokens_B = (jnp.sum(mask_BT, axis=-1) > 0).astype(jnp.float32)
+    metrics = {
+        "ppo/policy_loss": loss,
+        "ppo/clipfrac": Metric.masked(ops.masked_mean(is_clipped_BT, mask_BT, axis=-1), has_tokens_B),
+        "ppo/ratio": Metric.masked(jnp.exp(seq_log_ratio_B), has_tokens_B),
+        "ppo/approx_kl_k1": Metric.masked(-log_ratio_BT, mask_BT),
+        "ppo/approx_kl_k3": Metric.masked(jnp.expm1(log_ratio_BT) - log_ratio_BT, mask_BT),
+    }
+    if entropy_BT is not None:
+        metrics["ppo/entropy"] = Metric.masked(entropy_BT, mask_BT)
+    return loss.mean(), metrics
+
+
+def overlong_filter(mask_BT: jax.Array, has_eos_B: jax.Array) -> jax.Array:
+    """DAPO's overlong filtering (Yu et al. 2025, §3.4): truncated responses drop out of the loss.
+
+        m'_bt = m_bt · [response b ended with EOS]
+
+    A response cut at the length budget has no EOS; its reward says little about its quality, so
+    its tokens are masked out of the policy loss (its score may still enter the group's advantage).
+    """
+    return jnp.asarray(mask_BT, jnp.float32) * jnp.asarray(has_eos_B, jnp.float32)[:, None]

@@ -15,7 +15,6 @@ import pathlib
 import re
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util

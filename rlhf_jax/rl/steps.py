@@ -1,0 +1,141 @@
+"""The jitted halves of one RL iteration: score a rollout (log-probs, reference log-probs, values,
+reward-model scores joined with the reward functions' scores, advantages) and update the policy
+(epochs × minibatches of :func:`rlhf_jax.rl.objective.rl_objective` inside ``lax.scan``)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from rlhf_jax import advantages, kl, losses, models, ops, registry
+from rlhf_jax.metrics import Metric, Metrics, sum_over_leading_axis
+from rlhf_jax.objectives import reward_scores, token_logps
+from rlhf_jax.rl.algorithms import Algorithm
+from rlhf_jax.rl.objective import RLBatch, policy_and_values, rl_objective
+from rlhf_jax.rollout import Rollout
+from rlhf_jax.sharding import Rules, batch_sharding, replicated, with_logical_constraint
+from rlhf_jax.steps import Step, _apply_objective
+from rlhf_jax.train_state import Params, TrainState
+
+
+def combined_scores(rm_scores_B: jax.Array | None, function_scores_B: jax.Array, *, rm_weight: float) -> jax.Array:
+    """The sequence score: ``w_rm · s_rm + Σ_i w_i f_i`` (``function_scores_B`` is the reward functions'
+    weighted sum, :func:`rlhf_jax.rewards.score`); without a reward model, the functions' sum alone."""
+    scores_B = jnp.asarray(function_scores_B, jnp.float32)
+    if rm_scores_B is None:
+        return scores_B
+    return rm_weight * jnp.asarray(rm_scores_B, jnp.float32) + scores_B
+
+
+def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax.Array, function_scores_B: jax.Array,
+                  *, model_cfg: models.ModelConfig, reward_cfg: models.ModelConfig | None, algo: Algorithm,
+                  critic_cfg: models.ModelConfig | None = None, rm_weight: float = 1.0,
+                  missing_eos_penalty: float | None = None, row_mask_B: jax.Array | None = None
+                  ) -> tuple[RLBatch, Metrics]:
+    """Old log-probs, reference log-probs, values (with a critic), scores and advantages of a rollout; no gradients.
+
+    Scores are :func:`combined_scores` (``frozen["reward"]`` when the run has a reward model); responses
+    without EOS get ``missing_eos_penalty`` instead when it is set (lm-human-preferences: −1). The
+    advantages come from ``registry.ADVANTAGES[algo.advantage]`` with β = ``kl_coef`` when the KL sits
+    in the reward, 0 otherwise. ``row_mask_B`` (0 = the row does not train: dynamic sampling's dropped
+    groups) and, with ``algo.overlong_filter``, the truncated responses leave the loss mask.
+    """
+    ids_BT, attention_BT = rollout.sequences_BT, rollout.attention_mask_BT
+    mask_BT = rollout.scored_mask_BT
+    logps_BT, _, values_BT = policy_and_values(params, ids_BT, attention_BT, model_cfg=model_cfg, critic_cfg=critic_cfg)
+    if algo.needs_critic and values_BT is None:
+        raise ValueError(f"advantage {algo.advantage!r} needs a critic: params need a 'value_head' or a 'critic'")
+    ref_logps_BT = token_logps(model_cfg, frozen["reference"], ids_BT, attention_BT)
+    rm_B = reward_scores(reward_cfg, frozen["reward"], ids_BT, attention_BT) if "reward" in frozen else None
+    scores_B = combined_scores(rm_B, function_scores_B, rm_weight=rm_weight)
+    if missing_eos_penalty is not None:
+        scores_B = jnp.where(rollout.has_eos_B, scores_B, jnp.float32(missing_eos_penalty))
+    kl_BT = kl.kl_penalty(logps_BT, ref_logps_BT, estimator=algo.kl_estimator)
+    beta = kl_coef if algo.kl_in_reward else jnp.zeros_like(kl_coef)
+    inputs = advantages.AdvantageInputs(scores_B=scores_B, kl_BT=kl_BT, mask_BT=mask_BT, values_BT=values_BT,
+                                        num_samples=algo.samples_per_prompt)
+    advantages_BT, returns_BT = registry.ADVANTAGES[algo.advantage](inputs, kl_coef=beta, gamma=algo.gamma,
+                                                                    lam=algo.lam)
+    train_mask_BT = mask_BT
+    if algo.overlong_filter:
+        train_mask_BT = losses.ppo.overlong_filter(train_mask_BT, rollout.has_eos_B)
+    if row_mask_B is not None:
+        train_mask_BT = train_mask_BT * jnp.asarray(row_mask_B, jnp.float32)[:, None]
+    batch = jax.lax.stop_gradient(RLBatch(
+        input_ids_BT=ids_BT, attention_mask_BT=attention_BT, response_mask_BT=train_mask_BT, old_logps_BT=logps_BT,
+        ref_logps_BT=ref_logps_BT, advantages_BT=advantages_BT * train_mask_BT, scores_B=scores_B,
+        old_values_BT=values_BT if algo.needs_critic else None, returns_BT=returns_BT if algo.needs_critic else None))
+    k1_B = ops.masked_sum(kl.kl_k1(logps_BT, ref_logps_BT), mask_BT, axis=-1)
+    kl_B = ops.masked_sum(kl_BT, mask_BT, axis=-1)
+    metrics = {
+        "rollout/score": Metric.mean_of(scores_B),
+        "rollout/kl": Metric.mean_of(kl_B),
+        "rollout/kl_k1": Metric.mean_of(k1_B),
+        "rollout/non_score_reward": Metric.mean_of(-beta * kl_B),
+        "rollout/response_length": Metric.mean_of(jnp.sum(mask_BT, axis=-1)),
+        "rollout/has_eos": Metric.mean_of(rollout.has_eos_B),
+        "rollout/trained_tokens": Metric.mean_of(jnp.sum(train_mask_BT, axis=-1)),
+        "rollout/advantage_abs": Metric.masked(jnp.abs(advantages_BT), train_mask_BT),
+    }
+    if rm_B is not None:
+        metrics["rollout/rm_score"] = Metric.mean_of(rm_B)
+    if algo.grouped:
+        keep_G = advantages.groups_with_signal(scores_B.reshape(-1, algo.samples_per_prompt))
+        metrics["rollout/groups_with_signal"] = Metric.mean_of(keep_G.astype(jnp.float32))
+    return batch, metrics
+
+
+def make_score_step(model_cfg: models.ModelConfig, reward_cfg: models.ModelConfig | None, state_shardings: TrainState,
+                    mesh: Mesh, rules: Rules, *, view=None, **score_options) -> Step:
+    """``(batch, metrics) = score(state, rollout, kl_coef, function_scores_B, row_mask_B)``, jitted;
+    ``score_options`` go to :func:`score_rollout` (``algo``, ``critic_cfg``, ``rm_weight``, ``missing_eos_penalty``)."""
+    def score(state: TrainState, rollout: Rollout, kl_coef: jax.Array, function_scores_B: jax.Array,
+              row_mask_B: jax.Array) -> tuple[RLBatch, Metrics]:
+        params, frozen = (state.params, state.frozen) if view is None else view(state.params, state.frozen)
+        return score_rollout(params, frozen, rollout, kl_coef, function_scores_B, model_cfg=model_cfg,
+                             reward_cfg=reward_cfg, row_mask_B=row_mask_B, **score_options)
+    rows = batch_sharding(mesh, rules)
+    return jax.jit(score, in_shardings=(state_shardings, rows, replicated(mesh), rows, rows),
+                   out_shardings=(rows, replicated(mesh)))
+
+
+def make_update_step(model_cfg: models.ModelConfig, optimizer: optax.GradientTransformation,
+                     state_shardings: TrainState, mesh: Mesh, rules: Rules, *, epochs: int, num_minibatches: int,
+                     view=None, objective=None, **objective_options) -> Step:
+    """``step(state, batch, key) -> (state, metrics)``: ``epochs`` passes over the batch, each in
+    ``num_minibatches`` shuffled minibatches, all inside ``lax.scan`` (one optimizer call per
+    minibatch). Metrics are summed over every minibatch of every epoch. ``objective_options`` go to
+    :func:`rlhf_jax.rl.objective.rl_objective` (``algo``, ``critic_cfg``, ``max_len``); another
+    ``objective(params, frozen, batch)`` (online DPO's) replaces it.
+    """
+    if objective is None:
+        objective = functools.partial(rl_objective, model_cfg=model_cfg, **objective_options)
+
+    def step(state: TrainState, batch, key: jax.Array) -> tuple[TrainState, Metrics]:
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        if rows % num_minibatches:
+            raise ValueError(f"a rollout batch of {rows} rows does not split into {num_minibatches} minibatches")
+
+        # the frozen trees (reference, reward model) are read by every minibatch but never change: they stay
+        # out of the scans' carry, which XLA would otherwise copy into the loops' buffers
+        frozen = state.frozen
+
+        def minibatch(carry: TrainState, idx_M: jax.Array) -> tuple[TrainState, Metrics]:
+            mb = jax.tree.map(lambda x: with_logical_constraint(x[idx_M], ("batch",) + (None,) * (x.ndim - 1),
+                                                                mesh, rules), batch)
+            new, metrics = _apply_objective(objective, optimizer, carry.replace(frozen=frozen), mb, view)
+            return new.replace(frozen={}), metrics
+
+        def epoch(carry: TrainState, key: jax.Array) -> tuple[TrainState, Metrics]:
+            idx_NM = jax.random.permutation(key, rows).reshape(num_minibatches, rows // num_minibatches)
+            carry, metrics = jax.lax.scan(minibatch, carry, idx_NM)
+            return carry, sum_over_leading_axis(metrics)
+
+        carry, metrics = jax.lax.scan(epoch, state.replace(frozen={}), jax.random.split(key, epochs))
+        return carry.replace(frozen=frozen), sum_over_leading_axis(metrics)
+
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh, rules), replicated(mesh)),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
