@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import transformers
 
-from rlhf_jax import models, rollout, sharding, workflow
+from rlhf_jax import model_io, models, rollout, sharding
 
 MODES = {  # name -> (temperature, top_k, top_p)
     "greedy": (0.0, None, None),
@@ -56,7 +56,7 @@ PRESETS = {  # name -> (batch, prompt length, new tokens)
 
 def model_config(preset: str, args) -> transformers.LlamaConfig:
     if preset == "embedded":
-        config = transformers.AutoConfig.from_pretrained(workflow.embedded_model_dir())
+        config = transformers.AutoConfig.from_pretrained(model_io.embedded_model_dir())
     else:
         config = transformers.LlamaConfig(
             vocab_size=args.vocab,

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import pathlib
@@ -133,7 +132,8 @@ def prepare_data(model: pathlib.Path, path: pathlib.Path) -> dict:
 def _prepare_data(model: str, path: str) -> None:
     import transformers
 
-    from rlhf_jax import workflow
+    from rlhf_jax import cli
+    from rlhf_jax.data import sources
     from rlhf_jax.data import chat, encode, encode_prompts, simulated
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model)
@@ -144,9 +144,9 @@ def _prepare_data(model: str, path: str) -> None:
 
     def rows(name):
         kind, builder, seed, num_train, num_eval = DATA[name]
-        data = workflow.DataArgs(num_train=num_train, num_eval=num_eval, seed=seed)
+        data = cli.DataArgs(num_train=num_train, num_eval=num_eval, seed=seed)
         fn = getattr(simulated, builder)
-        return workflow.rows_from(data, kind, "train", fn), workflow.rows_from(data, kind, "eval", fn)
+        return sources.rows_from(data, kind, "train", fn), sources.rows_from(data, kind, "eval", fn)
 
     ids = lambda a: [int(t) for t in a]  # noqa: E731
     result: dict = {"max_len": {}}

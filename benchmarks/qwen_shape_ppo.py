@@ -14,7 +14,7 @@ downloaded:
    biases), plus the embedded tokenizer of ``rlhf_jax.data.embedded`` (1,024 ids, all < 151,936;
    bos/eos/pad in config.json are its ids, not Qwen's). With random weights any tokenizer is as good
    as Qwen's, and responses never stop at EOS, so every rollout runs the full ``--new-tokens``.
-2. ``<cache>/rm``: the reward model PPO scores with, in ``workflow.save_reward_model``'s layout
+2. ``<cache>/rm``: the reward model PPO scores with, in ``model_io.save_reward_model``'s layout
    (the same backbone + ``reward_head.safetensors``, a random head with lm-human-preferences' scale
    1/sqrt(D+1)), i.e. what ``experiments/reward_model.py`` exports as ``rm/hf``.
 3. ``experiments/ppo.py`` in its own process (so its peak is its own), LoRA rank 8, α 16 on all seven
@@ -77,7 +77,7 @@ def write_checkpoints(cache: pathlib.Path, tiny: bool, seed: int = 0) -> tuple[p
     import numpy as np
     import transformers
 
-    from rlhf_jax import models, workflow
+    from rlhf_jax import model_io, models
     from rlhf_jax.data import embedded
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(embedded.embedded_dir()))
@@ -106,11 +106,11 @@ def write_checkpoints(cache: pathlib.Path, tiny: bool, seed: int = 0) -> tuple[p
     print(f"[qwen_shape] {n / 1e6:.1f}M parameters ({4 * n / 1e9:.2f} GB float32): writing {policy}", flush=True)
     tokenizer.model_max_length = hf_config["max_position_embeddings"]
     t0 = time.perf_counter()
-    workflow.export_lm(policy, cfg, params, tokenizer)
+    model_io.export_lm(policy, cfg, params, tokenizer)
     d = cfg.d_model
     head = {"kernel": rng.standard_normal((d,), dtype=np.float32) / np.float32(np.sqrt(d + 1)),
             "bias": np.zeros((), np.float32)}
-    workflow.save_reward_model(rm, cfg, {"backbone": params, "head": head}, tokenizer)
+    model_io.save_reward_model(rm, cfg, {"backbone": params, "head": head}, tokenizer)
     print(f"[qwen_shape] wrote both in {time.perf_counter() - t0:.0f} s", flush=True)
     # what transformers reads back: the Qwen2 architecture asked for
     read = transformers.AutoConfig.from_pretrained(str(policy))

@@ -17,7 +17,8 @@ import time
 import jax
 import numpy as np
 
-from rlhf_jax import lora, memory, models, steps, workflow
+from rlhf_jax import cli, lora, memory, model_io, models, steps
+from rlhf_jax.trainable import Trainable
 from rlhf_jax.configs import MeshConfig, OptimizerConfig
 from rlhf_jax.sharding import DEFAULT_RULES, make_mesh
 from rlhf_jax.train_state import make_optimizer, shardings_of
@@ -38,11 +39,11 @@ def main() -> None:
     parser.add_argument("--remat", action="store_true")
     args = parser.parse_args()
     rss("start")
-    cfg, params, _ = workflow.load_lm(workflow.ModelArgs(path=args.path, remat=args.remat))
+    cfg, params, _ = model_io.load_lm(cli.ModelArgs(path=args.path, remat=args.remat))
     rss("loaded (host)")
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-5, warmup_steps=0, total_steps=10))
-    trainable = workflow.Trainable.create(lora.LoraConfig(rank=args.rank, targets=("all",)), cfg)
+    trainable = Trainable.create(lora.LoraConfig(rank=args.rank, targets=("all",)), cfg)
     state = trainable.place(cfg, params, models.param_logical_axes(cfg), optimizer, mesh, DEFAULT_RULES)
     rss("placed")
     del params
