@@ -29,11 +29,14 @@ import tyro
 
 import best_of_n
 import dpo
-import ppo
 import reward_model
 import sft
 from rlhf_jax import defaults, evaluation, model_io, sampling, trainer
 from rlhf_jax.cli import DataArgs, ModelArgs, SampleArgs
+from rlhf_jax.rl.online_dpo import OnlineDPOConfig
+from rlhf_jax.rl.online_dpo import main as online_dpo_main
+from rlhf_jax.rl.policy_gradient import RLConfig
+from rlhf_jax.rl.policy_gradient import main as ppo_main
 from rlhf_jax.data import load_source, simulated
 from rlhf_jax.logging import read_metrics
 
@@ -46,8 +49,15 @@ class PipelineConfig:
     """Skip stages that finished (their eval.json exists) and resume the interrupted one from its checkpoint."""
     sft: sft.SFTConfig = sft.SFTConfig()
     rm: reward_model.RewardConfig = reward_model.RewardConfig()
-    ppo: ppo.PPOConfig = ppo.PPOConfig()
+    ppo: RLConfig = RLConfig(algo="ppo")
     dpo: dpo.DPOConfig = dpo.DPOConfig()
+    grpo: RLConfig = RLConfig(algo="grpo")
+    """GRPO at PPO's budget: the same responses per iteration (auto: 64 / 4 prompts x 4 samples) and iterations."""
+    rloo: RLConfig = RLConfig(algo="rloo")
+    online_dpo: OnlineDPOConfig = OnlineDPOConfig()
+    """Online DPO at PPO's budget (64 / 2 prompts x 2 samples per iteration), judged by the reward model."""
+    skip_online: bool = False
+    """Skip the GRPO, RLOO and online-DPO rows."
     bon: best_of_n.BestOfNConfig = best_of_n.BestOfNConfig()
     skip_dpo: bool = False
     skip_best_of_n: bool = False
@@ -100,7 +110,7 @@ def smollm2_preset() -> PipelineConfig:
                                 eval_every=16, num_eval_prompts=48, samples_every=4,
                                 data=DataArgs(num_train=512, num_eval=48, seed=2),
                                 optim=dataclasses.replace(base.ppo.optim, learning_rate=1e-5),
-                                kl=dataclasses.replace(base.ppo.kl, coef=0.05), sample=sample,
+                                algo_args=dataclasses.replace(base.ppo.algo_args, kl_coef=0.05), sample=sample,
                                 run=run(base.ppo.run, save_every=16, log_every=1)),
         dpo=dataclasses.replace(base.dpo, steps=16, batch_size=8, eval_every=16, num_eval_prompts=48,
                                 data=DataArgs(num_train=240, num_eval=48, seed=1),
@@ -108,12 +118,16 @@ def smollm2_preset() -> PipelineConfig:
                                 sample=sample, run=run(base.dpo.run)),
         bon=dataclasses.replace(base.bon, n=(4,), num_eval_prompts=48, data=DataArgs(num_eval=48, seed=2),
                                 sample=sample),
+        skip_online=True,  # GRPO, RLOO and online DPO would triple the preset's PPO time (--skip-online False adds them)
     )
 
 
 PRESETS = {"embedded": PipelineConfig, "smollm2": smollm2_preset}
 """``--preset NAME``: the defaults the command line starts from."""
 
+
+ONLINE_METHODS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "online_dpo": "online DPO"}
+"""The online stages and their names in the report."""
 
 PEAK_MEMORY: dict[str, float] = {}
 """Peak RSS (GiB) of each stage run in this process (the report's memory column)."""
@@ -145,7 +159,11 @@ def main(cfg: PipelineConfig) -> dict:
     timings: dict[str, float] = {}
     results = {"sft": _stage("SFT", "sft", sft.main, cfg.sft, cfg, timings)}
     results["rm"] = _stage("reward model", "rm", reward_model.main, cfg.rm, cfg, timings)
-    results["ppo"] = _stage("PPO", "ppo", ppo.main, cfg.ppo, cfg, timings)
+    results["ppo"] = _stage("PPO", "ppo", ppo_main, cfg.ppo, cfg, timings)
+    if not cfg.skip_online:
+        results["grpo"] = _stage("GRPO", "grpo", ppo_main, cfg.grpo, cfg, timings)
+        results["rloo"] = _stage("RLOO", "rloo", ppo_main, cfg.rloo, cfg, timings)
+        results["online_dpo"] = _stage("online DPO", "online_dpo", online_dpo_main, cfg.online_dpo, cfg, timings)
     if not cfg.skip_dpo:
         results["dpo"] = _stage("DPO", "dpo" if cfg.dpo.variant == "dpo" else f"dpo_{cfg.dpo.variant}",
                                 dpo.main, cfg.dpo, cfg, timings)
@@ -170,8 +188,8 @@ def _evaluations(results: dict) -> dict[str, dict]:
     """Every method's held-out evaluation with per-prompt gold scores, by the report's method name."""
     found = {}
     for key, res in results.items():
-        if (key == "ppo" or key.startswith("dpo")) and isinstance(res, dict) and "per_prompt" in res:
-            found[key.upper().replace("_", " ")] = res
+        if (key in ONLINE_METHODS or key.startswith("dpo")) and isinstance(res, dict) and "per_prompt" in res:
+            found[ONLINE_METHODS.get(key, key.upper().replace("_", " "))] = res
     for res in results.get("best_of_n", {}).values():
         if isinstance(res, dict) and "per_prompt" in res:
             found[f"best-of-{res['n']}"] = res
@@ -246,7 +264,7 @@ def later_round(cfg: PipelineConfig, r: int, timings: dict) -> dict:
     rm["previous_rm_accuracy"] = rm_pair_accuracy(str(_round_dir(cfg, r - 1) / "rm" / "hf"), eval_pairs, cfg)
     ppo_cfg = dataclasses.replace(cfg.ppo, model=dataclasses.replace(cfg.ppo.model, path=policy_hf), reference=sft_hf,
                                   reward_model=str(out / "rm" / "hf"))
-    return {"rm": rm, "ppo": _stage(f"round {r}: PPO", "ppo", ppo.main, ppo_cfg, cfg, timings, out=str(out))}
+    return {"rm": rm, "ppo": _stage(f"round {r}: PPO", "ppo", ppo_main, ppo_cfg, cfg, timings, out=str(out))}
 
 
 def annotate_policy_samples(cfg: PipelineConfig, r: int, policy_hf: str, out: pathlib.Path
@@ -322,8 +340,9 @@ def results_table(results: dict) -> list[dict]:
     if ref_gold is not None:
         rows.append({"method": "SFT", "gold": ref_gold, "win_rate": 0.5, "kl": 0.0})
     for key, res in results.items():
-        if (key == "ppo" or key.startswith("dpo")) and "gold" in res:
-            rows.append({"method": key.upper().replace("_", " "), "gold": res["gold"], "win_rate": res["win_rate"],
+        if (key in ONLINE_METHODS or key.startswith("dpo")) and "gold" in res:
+            rows.append({"method": ONLINE_METHODS.get(key, key.upper().replace("_", " ")), "gold": res["gold"],
+                         "win_rate": res["win_rate"],
                          "kl": res["kl"]})
     for key, res in results.items():
         if key.startswith("round") and "gold" in res.get("ppo", {}):

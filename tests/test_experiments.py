@@ -34,6 +34,10 @@ PIPELINE_ARGS = [
     "--dpo.data.num-train", "1280", "--dpo.data.num-eval", "128",
     "--bon.n", "4", "--bon.num-eval-prompts", "128",
     "--rounds", "2", "--pairs-per-round", "128",
+    # the online methods at PPO's budget: 32 responses per iteration, 12 iterations, the same learning rate
+    *[arg for stage, prompts in (("grpo", "8"), ("rloo", "8"), ("online-dpo", "16")) for arg in (
+        f"--{stage}.iterations", "12", f"--{stage}.rollout-prompts", prompts, f"--{stage}.eval-every", "12",
+        f"--{stage}.optim.learning-rate", "1e-4", f"--{stage}.num-eval-prompts", "128")],
 ]
 
 
@@ -83,6 +87,10 @@ def test_pipeline_writes_report_and_ppo_beats_sft(pipeline_run):
     assert methods["PPO"]["gold"] > methods["SFT"]["gold"] + 0.3
     assert methods["PPO"]["win_rate"] > 0.6
     assert methods["PPO"]["kl"] > 0.0
+    # the online methods ran at the same budget, were gold-judged on the same held-out prompts and moved
+    for name in ("GRPO", "RLOO", "online DPO"):
+        assert name in methods and f"| {name} |" in report, name
+        assert np.isfinite(methods[name]["gold"]) and methods[name]["kl"] > 0.0, methods[name]
     # best-of-n's KL is the closed form log n - (n-1)/n.
     assert methods["best-of-4"]["kl"] == pytest.approx(np.log(4) - 3 / 4, rel=1e-6)
 
@@ -177,6 +185,15 @@ def test_each_script_cli(pipeline_run, tmp_path):
     assert json.loads((tmp_path / "rm_only" / "rm" / "eval.json").read_text())["gain"] > 0
     _run("ppo.py", *common, "--iterations", "2", "--rollout-prompts", "8", "--num-minibatches", "2",
          "--epochs", "1", "--eval-every", "2", "--num-eval-prompts", "8", "--critic", "separate", "--kl.adaptive")
+    proc = _run("grpo.py", *common, "--algo", "dapo", "--iterations", "2", "--rollout-prompts", "4", "--num-minibatches",
+                "2", "--epochs", "1", "--eval-every", "0", "--reward", "rlhf_jax.rewards:gold=0.5",
+                "--reward-model-weight", "1")
+    assert "[dapo] reward: 1 x reward model + 0.5 x rlhf_jax.rewards:gold" in proc.stdout
+    dapo = [json.loads(line) for line in (out / "dapo" / "metrics.jsonl").read_text().splitlines()]
+    assert all("vf/loss" not in m for m in dapo) and "reward/gold" in dapo[-1] and "rollout/draws" in dapo[-1]
+    _run("online_dpo.py", *common, "--judge", "annotator", "--iterations", "2", "--rollout-prompts", "4",
+         "--num-minibatches", "2", "--epochs", "1", "--eval-every", "2", "--num-eval-prompts", "8")
+    assert (out / "online_dpo" / "hf" / "model.safetensors").exists()
     _run("dpo.py", *common, "--steps", "3", "--eval-every", "3", "--batch-size", "8", "--variant", "ipo",
          "--data.num-train", "64", "--data.num-eval", "16", "--num-eval-prompts", "8")
     assert (out / "dpo_ipo" / "hf" / "model.safetensors").exists()
@@ -206,7 +223,7 @@ def test_pipeline_resumes_after_kill_during_ppo(pipeline_run, tmp_path):
     for stage in ("sft", "rm"):
         shutil.copytree(pipeline_run / stage, out / stage)
     args = ["--out", str(out), "--resume", *PIPELINE_ARGS, "--ppo.iterations", "8", "--ppo.run.save-every", "2",
-            "--ppo.eval-every", "8", "--skip-dpo", "--skip-best-of-n", "--rounds", "1"]
+            "--ppo.eval-every", "8", "--skip-dpo", "--skip-best-of-n", "--skip-online", "--rounds", "1"]
     proc = subprocess.Popen([sys.executable, str(EXPERIMENTS / "pipeline.py"), *args], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     ckpts = out / "ppo" / "checkpoints"

@@ -413,3 +413,21 @@ def test_unknown_estimator_names_the_flag_and_the_choices():
         assert name in str(info.value)
     with pytest.raises(ValueError, match="nope"):
         registry.ADVANTAGES["nope"]
+
+
+def test_the_grpo_preset_through_the_rl_objective_equals_the_deepseekmath_loop():
+    """What experiments/grpo.py trains on: rl_loss with the "grpo" preset (no critic: values None) on a
+    scored batch whose advantages come from the registry, against the paper's eq. 3 loop."""
+    from rlhf_jax.rl.algorithms import PRESETS
+    from rlhf_jax.rl.objective import RLBatch, rl_loss
+
+    algo = PRESETS["grpo"]
+    adv_BT, returns = registry.ADVANTAGES[algo.advantage](_inputs(SCORES, MASK, np.zeros_like(KL_BT)), kl_coef=0.0)
+    assert returns is None and not algo.needs_critic
+    batch = RLBatch(input_ids_BT=None, attention_mask_BT=None, response_mask_BT=jnp.asarray(MASK),
+                    old_logps_BT=jnp.asarray(OLD_LOGPS), ref_logps_BT=jnp.asarray(REF_LOGPS), advantages_BT=adv_BT,
+                    scores_B=jnp.asarray(SCORES))
+    loss, metrics = rl_loss(jnp.asarray(LOGPS), jnp.zeros_like(jnp.asarray(LOGPS)), None, batch, algo=algo)
+    expected = _grpo_objective_loop(LOGPS, OLD_LOGPS, REF_LOGPS, MASK, SCORES, algo.kl_coef, algo.clip_eps)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5, atol=1e-6)
+    assert "vf/loss" not in metrics and "kl/loss" in metrics

@@ -1,0 +1,138 @@
+"""The RL loop's pieces on a tiny model: critic-free scoring computes no values, reward functions join the
+reward model as a weighted sum per row, online DPO's pairs, reward-function loading and its errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import models, rewards, rollout
+from rlhf_jax.configs import MeshConfig, OptimizerConfig
+from rlhf_jax.objectives import reward_scores
+from rlhf_jax.rl import algorithms
+from rlhf_jax.rl.objective import policy_and_values
+from rlhf_jax.rl.online_dpo import pairs_from_rollout
+from rlhf_jax.rl.steps import make_score_step, make_update_step
+from rlhf_jax.sharding import DEFAULT_RULES, make_mesh, shard_batch
+from rlhf_jax.train_state import create_train_state, make_optimizer, shardings_of
+
+from mesh_case import tiny_model_config
+
+CFG = tiny_model_config()
+AXES = models.param_logical_axes(CFG)
+HEAD_AXES = models.scalar_head_logical_axes()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    prompts = np.random.default_rng(3).integers(1, 128, size=(4, 6), dtype=np.int32)
+    sample = rollout.generate(CFG, models.init_params(CFG, jax.random.key(0)), jnp.asarray(prompts),
+                              jnp.ones_like(jnp.asarray(prompts)), key=jax.random.key(0), max_new_tokens=8,
+                              eos_ids=tuple(range(3, 14)), num_samples=4)
+    return mesh, jax.device_get(sample)
+
+
+def _state(mesh, with_reward: bool):
+    head = models.init_scalar_head(CFG, jax.random.key(21), 0.5)
+    frozen = {"reference": models.init_params(CFG, jax.random.key(0))}
+    frozen_axes = {"reference": AXES}
+    if with_reward:
+        frozen["reward"] = {"backbone": models.init_params(CFG, jax.random.key(20)), "head": head}
+        frozen_axes["reward"] = {"backbone": AXES, "head": HEAD_AXES}
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=10))
+    state = create_train_state(lambda: {"policy": models.init_params(CFG, jax.random.key(0))}, optimizer, mesh,
+                               DEFAULT_RULES, {"policy": AXES}, frozen_init_fn=lambda: frozen, frozen_axes=frozen_axes)
+    return state, optimizer
+
+
+def test_grpo_state_and_steps_hold_and_compute_no_value(setup):
+    mesh, sample = setup
+    state, optimizer = _state(mesh, with_reward=True)
+    algo = algorithms.PRESETS["grpo"]
+    assert not algo.needs_critic and set(state.params) == {"policy"}  # no value head, no critic
+    assert policy_and_values(state.params, sample.sequences_BT, sample.attention_mask_BT, model_cfg=CFG)[2] is None
+    score = make_score_step(CFG, CFG, shardings_of(state), mesh, DEFAULT_RULES, algo=algo)
+    B = sample.sequences_BT.shape[0]
+    extras = shard_batch((np.zeros(B, np.float32), np.ones(B, np.float32)), mesh, DEFAULT_RULES)
+    batch, metrics = score(state, sample, jnp.float32(0.04), *extras)
+    assert batch.old_values_BT is None and batch.returns_BT is None
+    update = make_update_step(CFG, optimizer, shardings_of(state), mesh, DEFAULT_RULES, epochs=1, num_minibatches=2,
+                              algo=algo, max_len=8)
+    new_state, train = update(state, batch, jax.random.key(1))
+    assert "vf/loss" not in train and "kl/loss" in train and int(new_state.step) == 2
+    # PPO's estimator reads values: scoring without a critic is refused
+    ppo_score = make_score_step(CFG, CFG, shardings_of(new_state), mesh, DEFAULT_RULES, algo=algorithms.PRESETS["ppo"])
+    with pytest.raises(ValueError, match="needs a critic"):
+        ppo_score(new_state, sample, jnp.float32(0.1), *extras)
+
+
+def test_reward_function_and_reward_model_combine_as_a_weighted_sum_per_row(setup):
+    mesh, sample = setup
+    state, _ = _state(mesh, with_reward=True)
+    B = sample.sequences_BT.shape[0]
+    fn_B = np.random.default_rng(0).normal(size=B).astype(np.float32)  # Σ w_i f_i from rewards.score
+    score = make_score_step(CFG, CFG, shardings_of(state), mesh, DEFAULT_RULES, algo=algorithms.PRESETS["rloo"],
+                            rm_weight=0.7, missing_eos_penalty=None)
+    batch, metrics = score(state, sample, jnp.float32(0.0),
+                           *shard_batch((fn_B, np.ones(B, np.float32)), mesh, DEFAULT_RULES))
+    rm_B = np.asarray(reward_scores(CFG, jax.device_get(state.frozen["reward"]), sample.sequences_BT,
+                                    sample.attention_mask_BT))
+    assert np.std(rm_B) > 1e-3  # the reward model tells rows apart, so a wrong weight would show
+    np.testing.assert_allclose(np.asarray(batch.scores_B), 0.7 * rm_B + fn_B, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(metrics["rollout/rm_score"].mean()), rm_B.mean(), rtol=1e-5)
+    # without a reward model the functions alone score
+    state, _ = _state(mesh, with_reward=False)
+    score = make_score_step(CFG, None, shardings_of(state), mesh, DEFAULT_RULES, algo=algorithms.PRESETS["rloo"])
+    batch, _ = score(state, sample, jnp.float32(0.0), *shard_batch((fn_B, np.ones(B, np.float32)), mesh, DEFAULT_RULES))
+    np.testing.assert_allclose(np.asarray(batch.scores_B), fn_B, rtol=1e-6)
+
+
+def test_rewards_score_weights_each_function_and_names_bad_rows(tmp_path):
+    file = tmp_path / "my_rules.py"
+    file.write_text("def length(prompts, responses):\n    return [len(r) for r in responses]\n"
+                    "def broken(prompts, responses):\n    return [float('nan')] * len(responses)\n")
+    fns = rewards.load_all([f"{file}:length=0.5", "rlhf_jax.rewards:soft_overlong_punishment"])
+    prompts, responses = ["a", "b"], ["hi there", " ".join(["w"] * 46)]
+    total, means = rewards.score(fns, prompts, responses)
+    expected = [0.5 * len(r) + p for r, p in zip(responses, rewards.soft_overlong_punishment(prompts, responses))]
+    np.testing.assert_allclose(total, expected, rtol=1e-6)
+    assert set(means) == {"reward/length", "reward/soft_overlong_punishment"}
+    np.testing.assert_allclose(rewards.soft_overlong_punishment([""] * 3, ["", "", ""], tokens=[36, 42, 49]),
+                               [0.0, -0.5, -1.0])  # DAPO eq. 13 with L_max 48, L_cache 12
+    with pytest.raises(ValueError, match=r"broken gave nan for row 0"):
+        rewards.score(rewards.load_all([f"{file}:broken"]), prompts, responses)
+    with pytest.raises(ValueError, match="expected module:function"):
+        rewards.load("rlhf_jax.rewards")
+    with pytest.raises(ValueError, match="has no callable 'nope'"):
+        rewards.load("rlhf_jax.rewards:nope")
+    with pytest.raises(ValueError, match="weight 'x' is not a number"):
+        rewards.load("rlhf_jax.rewards:gold=x")
+    assert rewards.rm_weight([], None) == 1.0 and rewards.rm_weight(["m:f"], None) == 0.0
+
+
+def test_online_dpo_pairs_choose_the_higher_score_and_ties_train_nothing(setup):
+    _, sample = setup
+    two = jax.tree.map(lambda x: x[:8], sample)  # 4 prompts x 2 samples
+    two = two.replace(prompt_len=sample.prompt_len)
+    scores = jnp.asarray([1.0, 2.0, 3.0, -1.0, 0.5, 0.5, -2.0, 4.0])
+    batch, decided = pairs_from_rollout(two, scores)
+    np.testing.assert_array_equal(np.asarray(decided), [1, 1, 0, 1])
+    chosen_rows, rejected_rows = [1, 2, 4, 7], [0, 3, 5, 6]
+    np.testing.assert_array_equal(np.asarray(batch.chosen_ids_BT), np.asarray(two.sequences_BT)[chosen_rows])
+    np.testing.assert_array_equal(np.asarray(batch.rejected_ids_BT), np.asarray(two.sequences_BT)[rejected_rows])
+    assert float(np.asarray(batch.chosen_response_mask_BT)[2].sum()) == 0.0  # the tie
+    np.testing.assert_array_equal(np.asarray(batch.chosen_response_mask_BT)[0],
+                                  np.asarray(two.scored_mask_BT)[1])
+
+
+def test_algorithm_presets_check_their_choices():
+    assert algorithms.resolve("grpo", algorithms.AlgorithmArgs(kl_estimator="k2")).kl_estimator == "k2"
+    with pytest.raises(ValueError, match="samples-per-prompt must be >= 2"):
+        algorithms.resolve("grpo", algorithms.AlgorithmArgs(samples_per_prompt=1))
+    with pytest.raises(ValueError, match="not a known advantage estimator"):
+        algorithms.resolve("ppo", algorithms.AlgorithmArgs(advantage="gea"))
+    with pytest.raises(ValueError, match="--algo 'ppo2' is not a known algorithm"):
+        algorithms.resolve("ppo2")
+    for name, algo in algorithms.PRESETS.items():
+        assert algo.describe() and (algo.needs_critic == (name == "ppo"))
