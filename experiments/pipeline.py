@@ -57,7 +57,7 @@ class PipelineConfig:
     online_dpo: OnlineDPOConfig = OnlineDPOConfig()
     """Online DPO at PPO's budget (64 / 2 prompts x 2 samples per iteration), judged by the reward model."""
     skip_online: bool = False
-    """Skip the GRPO, RLOO and online-DPO rows."
+    """Skip the GRPO, RLOO and online-DPO rows."""
     bon: best_of_n.BestOfNConfig = best_of_n.BestOfNConfig()
     skip_dpo: bool = False
     skip_best_of_n: bool = False
