@@ -23,6 +23,7 @@ import dataclasses
 import json
 import pathlib
 import time
+from typing import Literal
 
 import numpy as np
 import tyro
@@ -66,6 +67,10 @@ class PipelineConfig:
     responses per prompt from the latest policy, lets the simulated annotator compare them, retrains
     the reward model (from SFT) on every comparison so far and continues PPO from the latest policy;
     the KL reference stays the SFT model. Later rounds write <out>/round<r>/."""
+    round_method: Literal["ppo", "dpo"] = "ppo"
+    """What each later round trains: "ppo" (retrain the reward model on every comparison so far, continue PPO
+    from the latest policy, SFT the KL reference) or "dpo" (iterative DPO, Xiong et al. 2024: DPO from the
+    latest DPO policy on that round's new comparisons of its own samples, the latest policy the reference)."""
     pairs_per_round: int = 2048
     """New comparisons of policy samples per later round (and a quarter as many on held-out prompts,
     on which the retrained reward model's accuracy is measured)."""
@@ -244,16 +249,25 @@ def _round_dir(cfg: PipelineConfig, r: int) -> pathlib.Path:
 
 
 def later_round(cfg: PipelineConfig, r: int, timings: dict) -> dict:
-    """Round r >= 2: annotate pairs of the latest policy's samples, retrain the RM, continue PPO."""
-    if cfg.rm.data.path is not None or cfg.ppo.data.path is not None:
+    """Round r >= 2: annotate pairs of the latest policy's samples, then retrain the RM and continue PPO
+    (``round_method="ppo"``) or take DPO steps on the new pairs (``"dpo"``)."""
+    if cfg.rm.data.path is not None or cfg.ppo.data.path is not None or cfg.dpo.data.path is not None:
         raise ValueError("--rounds > 1 needs the simulated annotator: it labels the policy's own samples "
-                         "(leave --rm.data.path and --ppo.data.path unset)")
+                         "(leave --rm.data.path, --ppo.data.path and --dpo.data.path unset)")
+    if cfg.round_method == "dpo" and cfg.skip_dpo:
+        raise ValueError("--round-method dpo continues round 1's DPO policy: drop --skip-dpo")
     out = _round_dir(cfg, r)
     sft_hf = str(pathlib.Path(cfg.out) / "sft" / "hf")
-    policy_hf = str(_round_dir(cfg, r - 1) / "ppo" / "hf")
+    policy_hf = str(_round_dir(cfg, r - 1) / cfg.round_method / "hf")
     t0 = time.perf_counter()
     train_file, eval_file = annotate_policy_samples(cfg, r, policy_hf, out)
     timings[f"round {r}: annotate"] = time.perf_counter() - t0
+    if cfg.round_method == "dpo":
+        dpo_cfg = dataclasses.replace(cfg.dpo, model=dataclasses.replace(cfg.dpo.model, path=policy_hf),
+                                      reward_model=str(pathlib.Path(cfg.out) / "rm" / "hf"),
+                                      data=dataclasses.replace(cfg.dpo.data, path=str(out / "new_comparisons.jsonl"),
+                                                               eval_path=str(eval_file)))
+        return {"dpo": _stage(f"round {r}: DPO", "dpo", dpo.main, dpo_cfg, cfg, timings, out=str(out))}
     eval_pairs = load_source(str(eval_file), "pairwise")
     rm_cfg = dataclasses.replace(cfg.rm, model=dataclasses.replace(cfg.rm.model, path=sft_hf),
                                  data=dataclasses.replace(cfg.rm.data, path=str(train_file), eval_path=str(eval_file)))
@@ -345,9 +359,10 @@ def results_table(results: dict) -> list[dict]:
                          "win_rate": res["win_rate"],
                          "kl": res["kl"]})
     for key, res in results.items():
-        if key.startswith("round") and "gold" in res.get("ppo", {}):
-            rows.append({"method": f"PPO round {key[5:]}", "gold": res["ppo"]["gold"],
-                         "win_rate": res["ppo"]["win_rate"], "kl": res["ppo"]["kl"]})
+        for method in ("ppo", "dpo"):
+            if key.startswith("round") and "gold" in res.get(method, {}):
+                rows.append({"method": f"{method.upper()} round {key[5:]}", "gold": res[method]["gold"],
+                             "win_rate": res[method]["win_rate"], "kl": res[method]["kl"]})
     for name, res in results.get("best_of_n", {}).items():
         if isinstance(res, dict) and "gold" in res:
             rows.append({"method": f"best-of-{res['n']}", "gold": res["gold"], "win_rate": res["win_rate"],

@@ -164,8 +164,9 @@ def test_every_script_resolves_the_embedded_model_to_todays_values():
     assert (rm.optim.learning_rate, rm.max_len, rm.sample.max_prompt_len, rm.sample.max_new_tokens) == (3e-4, 96, 48, 48)
     dpo = _script("dpo").resolve_config(_script("dpo").DPOConfig(), model_cfg, tokenizer, [])
     assert (dpo.optim.learning_rate, dpo.max_len, dpo.sample.max_prompt_len, dpo.sample.max_new_tokens) == (3e-5, 96, 48, 48)
-    ppo_mod = _script("ppo")
-    ppo = ppo_mod.resolve_config(ppo_mod.PPOConfig(), model_cfg, tokenizer, prompts)
+    from rlhf_jax.rl.loop import resolve_config
+    from rlhf_jax.rl.policy_gradient import RLConfig
+    ppo = resolve_config(RLConfig(), "ppo", model_cfg, tokenizer, prompts)
     assert (ppo.optim.learning_rate, ppo.rollout_prompts, ppo.sample.batch_size, ppo.sample.max_prompt_len,
             ppo.sample.max_new_tokens) == (3e-5, 64, 64, 48, 48)
     bon = _script("best_of_n").resolve_config(_script("best_of_n").BestOfNConfig(), model_cfg, tokenizer, prompts)
@@ -175,10 +176,14 @@ def test_every_script_resolves_the_embedded_model_to_todays_values():
 def test_ppo_rollout_fits_a_small_prompt_file_and_a_larger_request_is_refused(tmp_path):
     from rlhf_jax import cli, model_io
     from rlhf_jax.data import PromptRow
-    ppo_mod = _script("ppo")
+    from rlhf_jax.rl.loop import resolve_config
+    from rlhf_jax.rl.policy_gradient import RLConfig
     model_cfg, _, tokenizer = model_io.load_lm(cli.ModelArgs(path=str(_pretrained_dir(tmp_path))))
     prompts = [PromptRow(prompt=f"tell me about the number {i}") for i in range(12)]
-    cfg = ppo_mod.resolve_config(ppo_mod.PPOConfig(), model_cfg, tokenizer, prompts)
+    cfg = resolve_config(RLConfig(), "ppo", model_cfg, tokenizer, prompts)
     assert cfg.rollout_prompts == 12 and cfg.sample.batch_size == 12 and cfg.optim.learning_rate == 3e-6
+    # a grouped method keeps the responses per iteration: 12 prompts' worth of rows as 3 prompts x 4 samples
+    grpo = resolve_config(RLConfig(algo="grpo"), "grpo", model_cfg, tokenizer, prompts, num_samples=4)
+    assert grpo.rollout_prompts == 3
     with pytest.raises(ValueError, match=r"--rollout-prompts 20 .*12 training prompts"):
-        ppo_mod.resolve_config(ppo_mod.PPOConfig(rollout_prompts=20), model_cfg, tokenizer, prompts)
+        resolve_config(RLConfig(rollout_prompts=20), "ppo", model_cfg, tokenizer, prompts)

@@ -11,7 +11,7 @@ from typing import Literal
 
 import jax
 
-from rlhf_jax import memory, models, trainer
+from rlhf_jax import defaults, memory, models, trainer
 from rlhf_jax.rl import algorithms, loop
 from rlhf_jax.rl.steps import make_score_step, make_update_step
 from rlhf_jax.train_state import shardings_of
@@ -23,9 +23,12 @@ class RLConfig(loop.OnlineArgs):
     """Preset (rlhf_jax.rl.algorithms.PRESETS): ppo, grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp."""
     algo_args: algorithms.AlgorithmArgs = algorithms.AlgorithmArgs()
     """Overrides of the preset's choices (--algo-args.kl-coef 0.05, --algo-args.samples-per-prompt 8, ...)."""
-    critic: Literal["value_head", "separate"] = "value_head"
+    critic: Literal["value_head", "separate"] | None = None
     """With a critic-reading estimator (GAE): a value head on the policy's backbone, or a separate critic
-    initialised from the reward model. Critic-free algorithms have neither."""
+    initialised from the reward model (InstructGPT's). None: auto, printed: separate on the embedded default
+    when a reward model is loaded (a head on the toy policy's features explains none of the returns' variance,
+    the reward model's features do), else value_head (no second backbone in memory). Critic-free algorithms
+    have neither."""
 
 
 def main(cfg: RLConfig) -> dict:
@@ -43,7 +46,12 @@ def _main(cfg: RLConfig):
     params, param_axes = {"policy": trees["policy"]}, {"policy": axes["policy"]}
     critic_cfg = None
     if algo.needs_critic:
-        if cfg.critic == "value_head":
+        critic = cfg.critic
+        if critic is None:
+            embedded = defaults.model_kind(ctx.model_cfg) == "embedded"
+            critic = "separate" if embedded and "reward" in trees else "value_head"
+            print(f"[{stage}] critic: {critic} (auto; --critic value_head|separate to choose)", flush=True)
+        if critic == "value_head":
             params["value_head"] = models.init_scalar_head(ctx.model_cfg, jax.random.key(1))
             param_axes["value_head"] = models.scalar_head_logical_axes()
         else:
@@ -65,7 +73,7 @@ def _main(cfg: RLConfig):
                                    max_len=cfg.sample.max_new_tokens)
     learner = loop.PolicyGradient(algo, score_step, update_step, ctx.mesh, ctx.rules)
     kl_ctl = loop.kl_controller(cfg, algo.kl_coef, in_reward=algo.kl_in_reward)
-    print_keys = ("ppo/clipfrac",) + (("vf/explained_variance",) if algo.needs_critic else ())
+    print_keys = ("ppo/clipfrac",) + (("vf/explained_variance_rollout",) if algo.needs_critic else ())
     state, result = loop.run(ctx, state, learner, stage=stage, name=cfg.algo.upper(), kl_ctl=kl_ctl,
                              updates_per_iteration=cfg.epochs * cfg.num_minibatches, print_keys=print_keys)
     return result, ctx.out, stage

@@ -82,6 +82,9 @@ def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax
     }
     if rm_B is not None:
         metrics["rollout/rm_score"] = Metric.mean_of(rm_B)
+    if algo.needs_critic:  # how well the values fit this rollout's returns, once, before any update on it
+        metrics["vf/explained_variance_rollout"] = Metric.scalar(
+            losses.explained_variance(values_BT, returns_BT, mask_BT))
     if algo.grouped:
         keep_G = advantages.groups_with_signal(scores_B.reshape(-1, algo.samples_per_prompt))
         metrics["rollout/groups_with_signal"] = Metric.mean_of(keep_G.astype(jnp.float32))
