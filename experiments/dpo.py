@@ -17,12 +17,10 @@ import pathlib
 
 import tyro
 
-from rlhf_jax import cli, defaults, evaluation, lora, losses, memory, model_io, models, objectives, steps, trainer
+from rlhf_jax import cli, defaults, evaluation, losses, memory, model_io, models, objectives, steps, trainer
 from rlhf_jax.trainable import Trainable
 from rlhf_jax.data import sources
-from rlhf_jax.configs import OptimizerConfig
 from rlhf_jax.data import BatchIterator, collate_pairs, encode, simulated
-from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.train_state import make_optimizer, shardings_of
 
 
@@ -30,14 +28,10 @@ STAGE = "dpo"
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOConfig:
-    model: cli.ModelArgs = cli.ModelArgs()
-    """Policy to start from, also the frozen reference (default: <run.out>/sft/hf)."""
-    data: cli.DataArgs = cli.DataArgs(num_train=6144, num_eval=1024, seed=1)
-    """Comparisons (the same simulated comparisons the reward model is trained on, by default)."""
-    run: cli.RunArgs = cli.RunArgs()
-    optim: OptimizerConfig = OptimizerConfig(learning_rate=None, warmup_steps=20, total_steps=300, b2=0.99)
-    sample: cli.SampleArgs = cli.SampleArgs()
+class DPOConfig(cli.OfflinePolicyArgs):
+    """DPO-family flags; the policy, data, run and evaluation flags are cli.OfflinePolicyArgs' (data: comparisons,
+    by default the simulated ones the reward model is trained on)."""
+
     variant: str = "dpo"
     """One of losses.DPO_VARIANTS: dpo, cdpo, robust, ipo, simpo."""
     beta: float = 0.1
@@ -46,21 +40,6 @@ class DPOConfig:
     """Assumed label-flip rate (cdpo / robust)."""
     nll_coef: float = 0.0
     """α of RPO: adds α × the chosen responses' per-token NLL to the loss (0 = plain DPO)."""
-    steps: int = 300
-    batch_size: int = 32
-    max_len: int | None = None
-    """Tokens per sequence. None: auto (see rlhf_jax.defaults; embedded 96, pretrained the longest training
-    pair rounded up to 16). optim.learning_rate and sample lengths are auto too (embedded 3e-5, 48, 48)."""
-    eval_every: int = 150
-    """Steps between held-out DPO losses (eval/dpo/*) on the held-out comparisons."""
-    num_eval_prompts: int = 256
-    """Held-out prompts the trained policy and the reference are sampled on at the end (0 = none)."""
-    lora: lora.LoraConfig = lora.LoraConfig()
-    """LoRA adapters on the policy (--lora.rank 8); the reference is then the base with the adapter off (no
-    second copy of the weights). Exports hf/ (merged) and peft/."""
-    reward_model: str | None = None
-    """Reward model (from reward_model.py) that judges the held-out samples (default: <run.out>/rm/hf when it
-    exists; without one the evaluation reports KL, length, EOS rate and samples)."""
 
 
 def main(cfg: DPOConfig) -> dict:
@@ -108,32 +87,15 @@ def _main(cfg: DPOConfig):
                                            optim=optim_cfg)
     out = cli.stage_dir(cfg.run, stage)
     result = {**trainable.export(out, model_cfg, state, tokenizer, base_model=sft_path), **last_eval}
-    if not cfg.num_eval_prompts:
-        prompts = []
-    elif cfg.data.path is None:  # the simulated held-out prompts PPO and best-of-n are evaluated on
-        prompts = sources.prompt_texts(sources.rows_from(
-            dataclasses.replace(cfg.data, seed=2, num_eval=cfg.num_eval_prompts), "prompt", "eval", simulated.prompt_rows))
-    else:  # the prompts of the held-out comparisons (--data.eval-path or the held-out split of --data.path)
-        prompts = sources.eval_prompts(eval_rows, cfg.num_eval_prompts)
-    if cfg.num_eval_prompts and prompts:
+    prompts = sources.held_out_policy_prompts(cfg.data, eval_rows, cfg.num_eval_prompts, simulated.prompt_rows)
+    if prompts:
         reference = (model_io.load_lm(dataclasses.replace(cfg.model, path=sft_path))[1] if reference_free
                      else trainable.reference(state))  # the state's own reference: no second copy
-        rm_path = cfg.reward_model or pathlib.Path(cfg.run.out) / "rm" / "hf"
-        reward = None
-        if cfg.reward_model is not None or (rm_path / model_io.REWARD_HEAD_FILE).exists():
-            reward = evaluation.load_reward_model(rm_path, cfg.model, tokenizer)
-            print(f"[{stage}] held-out samples judged by the reward model {rm_path}", flush=True)
-        ev = evaluation.evaluate_policy(model_cfg, trainable.lm(state), reference, tokenizer, prompts,
-                                        seed=cfg.run.seed + 1000, sample_args=cfg.sample, reward=reward,
-                                        gold=cfg.data.path is None, mesh=mesh, rules=rules)
-        result.update(ev)
-        with MetricsLogger(out, stage=stage) as logger:  # appended after the training loop's entries
-            logger.log(cfg.steps, evaluation.scalars(ev), print_keys=evaluation.PRINT_KEYS)
-            logger.text(cfg.steps, "eval_samples", evaluation.comparison_table(ev, policy=stage.upper(), reference="SFT"))
-        with evaluation.open_samples_file(out / "samples.md", resume_from=0) as samples_md:
-            samples_md.write(f"## step {cfg.steps} (held-out evaluation)\n\n"
-                             f"{evaluation.comparison_table(ev, policy=stage.upper(), reference='SFT')}\n")
-        print(f"[{stage}] {evaluation.summary(ev)}", flush=True)
+        result.update(evaluation.evaluate_trained_policy(
+            stage=stage, name=stage.upper(), out=out, step=cfg.steps, model_cfg=model_cfg, policy=trainable.lm(state),
+            reference=reference, tokenizer=tokenizer, prompts=prompts, run_out=cfg.run.out, model_args=cfg.model,
+            reward_model=cfg.reward_model, sample_args=cfg.sample, gold=cfg.data.path is None,
+            seed=cfg.run.seed + 1000, mesh=mesh, rules=rules))
     elif cfg.num_eval_prompts:
         print(f"[{stage}] no held-out prompts (pass --data.eval-path or a --data.eval-fraction > 0): no evaluation",
               flush=True)

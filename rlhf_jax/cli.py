@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import sharding
+from rlhf_jax.lora import LoraConfig
 from rlhf_jax.configs import MeshConfig, OptimizerConfig
 
 
@@ -147,3 +148,32 @@ def setup(run: RunArgs) -> tuple[jax.sharding.Mesh, sharding.Rules]:
         sharding.initialize_distributed()
     runtime.setup(run.compile_cache)
     return sharding.make_mesh(run.mesh), RULE_TABLES[run.rules]
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflinePolicyArgs:
+    """The flags of the offline policy stages (DPO family, KTO): the policy, its data, the run and the
+    end-of-training evaluation. A stage's config adds its loss's own flags."""
+
+    model: ModelArgs = ModelArgs()
+    """Policy to start from, also the frozen reference (default: <run.out>/sft/hf)."""
+    data: DataArgs = DataArgs(num_train=6144, num_eval=1024, seed=1)
+    """Training rows (default: the simulated annotator's comparisons / thumbs)."""
+    run: RunArgs = RunArgs()
+    optim: OptimizerConfig = OptimizerConfig(learning_rate=None, warmup_steps=20, total_steps=300, b2=0.99)
+    sample: SampleArgs = SampleArgs()
+    steps: int = 300
+    batch_size: int = 32
+    max_len: int | None = None
+    """Tokens per sequence. None: auto (see rlhf_jax.defaults; embedded 96, pretrained the longest training
+    row rounded up to 16). optim.learning_rate and sample lengths are auto too (embedded 3e-5, 48, 48)."""
+    eval_every: int = 150
+    """Steps between held-out losses (eval/...) on the held-out rows."""
+    num_eval_prompts: int = 256
+    """Held-out prompts the trained policy and the reference are sampled on at the end (0 = none)."""
+    lora: LoraConfig = LoraConfig()
+    """LoRA adapters on the policy (--lora.rank 8); the reference is then the base with the adapter off (no
+    second copy of the weights). Exports hf/ (merged) and peft/."""
+    reward_model: str | None = None
+    """Reward model (from reward_model.py) that judges the held-out samples (default: <run.out>/rm/hf when it
+    exists; without one the evaluation reports KL, length, EOS rate and samples)."""

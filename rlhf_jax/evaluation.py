@@ -307,3 +307,32 @@ def gold_eval(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
 def rm_scores(cfg: models.ModelConfig, rm_params: Any, rollouts: Sequence[rollout.Rollout]) -> np.ndarray:
     """Reward-model score of every sampled sequence (last real token)."""
     return np.concatenate([np.asarray(_reward_scores(cfg, rm_params, r.sequences_BT, r.attention_mask_BT)) for r in rollouts])
+
+
+def evaluate_trained_policy(*, stage: str, name: str, out: Any, step: int, model_cfg: models.ModelConfig, policy: Any,
+                            reference: Any, tokenizer: Any, prompts: Sequence[Any], run_out: str, model_args: Any,
+                            reward_model: str | None, sample_args: Any, gold: bool, seed: int, mesh=None,
+                            rules=None) -> dict:
+    """The end-of-training evaluation of an offline policy stage (DPO family, KTO): :func:`evaluate_policy`
+    on ``prompts``, judged by ``reward_model`` (or ``<run_out>/rm/hf`` when it exists) and, with ``gold``, the
+    gold scorer; logged at ``step`` in ``out``'s metrics, written to ``out/samples.md`` and printed."""
+    import pathlib
+
+    from rlhf_jax.logging import MetricsLogger
+    from rlhf_jax.model_io import REWARD_HEAD_FILE
+
+    rm_path = pathlib.Path(reward_model or pathlib.Path(run_out) / "rm" / "hf")
+    reward = None
+    if reward_model is not None or (rm_path / REWARD_HEAD_FILE).exists():
+        reward = load_reward_model(rm_path, model_args, tokenizer)
+        print(f"[{stage}] held-out samples judged by the reward model {rm_path}", flush=True)
+    ev = evaluate_policy(model_cfg, policy, reference, tokenizer, prompts, seed=seed, sample_args=sample_args,
+                         reward=reward, gold=gold, mesh=mesh, rules=rules)
+    table = comparison_table(ev, policy=name, reference="SFT")
+    with MetricsLogger(out, stage=stage) as logger:  # appended after the training loop's entries
+        logger.log(step, scalars(ev), print_keys=PRINT_KEYS)
+        logger.text(step, "eval_samples", table)
+    with open_samples_file(out / "samples.md", resume_from=0) as samples_md:
+        samples_md.write(f"## step {step} (held-out evaluation)\n\n{table}\n")
+    print(f"[{stage}] {summary(ev)}", flush=True)
+    return ev

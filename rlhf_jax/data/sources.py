@@ -133,3 +133,17 @@ def eval_prompts(rows: Sequence[Any], limit: int) -> list:
         if len(seen) >= limit:
             break
     return list(seen.values())
+
+
+def held_out_policy_prompts(data: DataArgs, eval_rows: Sequence[Any], limit: int,
+                            simulated: Callable[[int, int, str], list[dict]] | None = None) -> list:
+    """The prompts an offline policy stage is sampled on at the end: with the simulated annotator, the
+    simulated held-out prompts PPO and best-of-n are evaluated on (``simulated`` = ``simulated.prompt_rows``);
+    with a user's file, the distinct prompts of its held-out rows. At most ``limit``; none for ``limit`` 0."""
+    if not limit:
+        return []
+    if data.path is None and simulated is not None:
+        import dataclasses
+
+        return prompt_texts(rows_from(dataclasses.replace(data, seed=2, num_eval=limit), "prompt", "eval", simulated))
+    return eval_prompts(eval_rows, limit)
