@@ -40,6 +40,9 @@ class DPOConfig(cli.OfflinePolicyArgs):
     """Assumed label-flip rate (cdpo / robust)."""
     nll_coef: float = 0.0
     """α of RPO: adds α × the chosen responses' per-token NLL to the loss (0 = plain DPO)."""
+    reference: str | None = None
+    """Frozen reference (default: the starting policy). Iterated DPO rounds start from the last policy and keep
+    the SFT model here. Not with --lora.rank (there the base, adapter off, is the reference)."""
 
 
 def main(cfg: DPOConfig) -> dict:
@@ -60,9 +63,16 @@ def _main(cfg: DPOConfig):
     optim_cfg = cli.optimizer_for(cfg.optim, cfg.steps)
     optimizer = make_optimizer(optim_cfg)
     trainable = Trainable.create(cfg.lora, model_cfg, reference_path=None if reference_free else ())
-    state = trainable.place(model_cfg, params, axes, optimizer, mesh, rules, frozen=None if reference_free else params,
+    ref_params = params
+    if cfg.reference is not None and not reference_free:
+        if cfg.lora.enabled:
+            raise ValueError("--reference with --lora.rank: the LoRA reference is the base with the adapter off")
+        ref_cfg, ref_params, _ = model_io.load_lm(dataclasses.replace(cfg.model, path=cfg.reference))
+        if ref_cfg != model_cfg:
+            raise ValueError(f"--reference {cfg.reference} is not the policy's architecture:\n{ref_cfg}\nvs\n{model_cfg}")
+    state = trainable.place(model_cfg, params, axes, optimizer, mesh, rules, frozen=None if reference_free else ref_params,
                             frozen_axes=None if reference_free else axes, donate=True)
-    del params
+    del params, ref_params
     memory.release_freed_host_memory()  # the host copies placed on the devices
     state_sh = shardings_of(state)
     if cfg.variant not in losses.DPO_VARIANTS:
@@ -94,7 +104,8 @@ def _main(cfg: DPOConfig):
         result.update(evaluation.evaluate_trained_policy(
             stage=stage, name=stage.upper(), out=out, step=cfg.steps, model_cfg=model_cfg, policy=trainable.lm(state),
             reference=reference, tokenizer=tokenizer, prompts=prompts, run_out=cfg.run.out, model_args=cfg.model,
-            reward_model=cfg.reward_model, sample_args=cfg.sample, gold=cfg.data.path is None,
+            reward_model=cfg.reward_model, sample_args=cfg.sample,
+            gold=cfg.gold if cfg.gold is not None else cfg.data.path is None,
             seed=cfg.run.seed + 1000, mesh=mesh, rules=rules))
     elif cfg.num_eval_prompts:
         print(f"[{stage}] no held-out prompts (pass --data.eval-path or a --data.eval-fraction > 0): no evaluation",

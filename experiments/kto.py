@@ -102,7 +102,8 @@ def _main(cfg: KTOConfig):
         result.update(evaluation.evaluate_trained_policy(
             stage=STAGE, name="KTO", out=out, step=cfg.steps, model_cfg=model_cfg, policy=trainable.lm(state),
             reference=trainable.reference(state), tokenizer=tokenizer, prompts=prompts, run_out=cfg.run.out,
-            model_args=cfg.model, reward_model=cfg.reward_model, sample_args=cfg.sample, gold=cfg.data.path is None,
+            model_args=cfg.model, reward_model=cfg.reward_model, sample_args=cfg.sample,
+            gold=cfg.gold if cfg.gold is not None else cfg.data.path is None,
             seed=cfg.run.seed + 1000, mesh=mesh, rules=rules))
     elif cfg.num_eval_prompts:
         print("[kto] no held-out prompts (pass --data.eval-path or a --data.eval-fraction > 0): no evaluation", flush=True)

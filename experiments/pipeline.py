@@ -69,8 +69,8 @@ class PipelineConfig:
     the KL reference stays the SFT model. Later rounds write <out>/round<r>/."""
     round_method: Literal["ppo", "dpo"] = "ppo"
     """What each later round trains: "ppo" (retrain the reward model on every comparison so far, continue PPO
-    from the latest policy, SFT the KL reference) or "dpo" (iterative DPO, Xiong et al. 2024: DPO from the
-    latest DPO policy on that round's new comparisons of its own samples, the latest policy the reference)."""
+    from the latest policy) or "dpo" (iterative DPO, Xiong et al. 2024: DPO from the latest DPO policy on that
+    round's new comparisons of its own samples). Either way the SFT model stays the reference."""
     pairs_per_round: int = 2048
     """New comparisons of policy samples per later round (and a quarter as many on held-out prompts,
     on which the retrained reward model's accuracy is measured)."""
@@ -264,7 +264,7 @@ def later_round(cfg: PipelineConfig, r: int, timings: dict) -> dict:
     timings[f"round {r}: annotate"] = time.perf_counter() - t0
     if cfg.round_method == "dpo":
         dpo_cfg = dataclasses.replace(cfg.dpo, model=dataclasses.replace(cfg.dpo.model, path=policy_hf),
-                                      reward_model=str(pathlib.Path(cfg.out) / "rm" / "hf"),
+                                      reference=sft_hf, gold=True, reward_model=str(pathlib.Path(cfg.out) / "rm" / "hf"),
                                       data=dataclasses.replace(cfg.dpo.data, path=str(out / "new_comparisons.jsonl"),
                                                                eval_path=str(eval_file)))
         return {"dpo": _stage(f"round {r}: DPO", "dpo", dpo.main, dpo_cfg, cfg, timings, out=str(out))}

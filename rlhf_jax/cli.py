@@ -177,3 +177,6 @@ class OfflinePolicyArgs:
     reward_model: str | None = None
     """Reward model (from reward_model.py) that judges the held-out samples (default: <run.out>/rm/hf when it
     exists; without one the evaluation reports KL, length, EOS rate and samples)."""
+    gold: bool | None = None
+    """Judge the held-out samples with the simulated gold scorer too. None: when the data is the simulated
+    annotator's (a file of the simulated world's rows, as the iterated pipeline writes, can set it)."""
