@@ -54,7 +54,7 @@ def test_grpo_state_and_steps_hold_and_compute_no_value(setup):
     assert policy_and_values(state.params, sample.sequences_BT, sample.attention_mask_BT, model_cfg=CFG)[2] is None
     score = make_score_step(CFG, CFG, shardings_of(state), mesh, DEFAULT_RULES, algo=algo)
     B = sample.sequences_BT.shape[0]
-    extras = shard_batch((np.zeros(B, np.float32), np.ones(B, np.float32)), mesh, DEFAULT_RULES)
+    extras = shard_batch((np.zeros(B, np.float32),), mesh, DEFAULT_RULES)
     batch, metrics = score(state, sample, jnp.float32(0.04), *extras)
     assert batch.old_values_BT is None and batch.returns_BT is None
     update = make_update_step(CFG, optimizer, shardings_of(state), mesh, DEFAULT_RULES, epochs=1, num_minibatches=2,
@@ -75,7 +75,7 @@ def test_reward_function_and_reward_model_combine_as_a_weighted_sum_per_row(setu
     score = make_score_step(CFG, CFG, shardings_of(state), mesh, DEFAULT_RULES, algo=algorithms.PRESETS["rloo"],
                             rm_weight=0.7, missing_eos_penalty=None)
     batch, metrics = score(state, sample, jnp.float32(0.0),
-                           *shard_batch((fn_B, np.ones(B, np.float32)), mesh, DEFAULT_RULES))
+                           *shard_batch((fn_B,), mesh, DEFAULT_RULES))
     rm_B = np.asarray(reward_scores(CFG, jax.device_get(state.frozen["reward"]), sample.sequences_BT,
                                     sample.attention_mask_BT))
     assert np.std(rm_B) > 1e-3  # the reward model tells rows apart, so a wrong weight would show
@@ -84,7 +84,7 @@ def test_reward_function_and_reward_model_combine_as_a_weighted_sum_per_row(setu
     # without a reward model the functions alone score
     state, _ = _state(mesh, with_reward=False)
     score = make_score_step(CFG, None, shardings_of(state), mesh, DEFAULT_RULES, algo=algorithms.PRESETS["rloo"])
-    batch, _ = score(state, sample, jnp.float32(0.0), *shard_batch((fn_B, np.ones(B, np.float32)), mesh, DEFAULT_RULES))
+    batch, _ = score(state, sample, jnp.float32(0.0), *shard_batch((fn_B,), mesh, DEFAULT_RULES))
     np.testing.assert_allclose(np.asarray(batch.scores_B), fn_B, rtol=1e-6)
 
 
@@ -136,3 +136,43 @@ def test_algorithm_presets_check_their_choices():
         algorithms.resolve("ppo2")
     for name, algo in algorithms.PRESETS.items():
         assert algo.describe() and (algo.needs_critic == (name == "ppo"))
+
+
+def test_dynamic_sampling_keeps_drawing_until_every_group_has_signal():
+    """DAPO's dynamic sampling in the loop's learner: groups whose N scores are all equal are dropped and more
+    prompts are drawn (up to max_draws); the batch is filled with the kept groups in order and any unfilled
+    rows train nothing."""
+    from rlhf_jax.rl.loop import PolicyGradient, Sample
+    from rlhf_jax.rl.objective import RLBatch
+
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    N, G, T = 2, 3, 4
+    # per draw, the scores of G groups of N: draw 0 keeps group 1, draw 1 keeps groups 0 and 2, draw 2 keeps all
+    draws_scores = [[1, 1, 0, 2, 5, 5], [0, 3, 7, 7, 1, 2], [4, 5, 6, 7, 8, 9]]
+
+    def draw(key):
+        i = len(drawn)
+        drawn.append(i)
+        r = rollout.Rollout(sequences_BT=np.full((G * N, T), i, np.int32), attention_mask_BT=np.ones((G * N, T), np.int32),
+                            response_mask_BT=np.ones((G * N, T), np.float32), response_ids_BR=np.zeros((G * N, 1), np.int32),
+                            response_mask_BR=np.ones((G * N, 1), np.float32), logps_BR=np.zeros((G * N, 1), np.float32),
+                            lengths_B=np.ones(G * N, np.int32), has_eos_B=np.ones(G * N, bool), prompt_len=3)
+        return Sample(r, ["p"] * (G * N), ["r"] * (G * N), np.asarray(draws_scores[i], np.float32), {}, 0.1)
+
+    def score_step(state, r, kl_coef, function_scores_B):
+        ones = jnp.ones((G * N, T), jnp.float32)
+        row_id = jnp.asarray(r.sequences_BT, jnp.float32) * 10 + jnp.arange(G * N)[:, None]  # draw * 10 + row
+        return RLBatch(input_ids_BT=r.sequences_BT, attention_mask_BT=r.attention_mask_BT, response_mask_BT=ones,
+                       old_logps_BT=row_id, ref_logps_BT=ones, advantages_BT=ones, scores_B=function_scores_B), {}
+
+    algo = algorithms.resolve("dapo", algorithms.AlgorithmArgs(samples_per_prompt=N))
+    for max_draws, expected_rows, real in ((3, [2, 3, 10, 11, 14, 15], 3), (2, [2, 3, 10, 11, 14, 15], 3),
+                                           (1, [2, 3], 1)):
+        drawn = []
+        learner = PolicyGradient(algo, score_step, None, mesh, DEFAULT_RULES, max_draws=max_draws)
+        batch, metrics, first = learner.experience(None, draw, jax.random.key(0), jnp.float32(0.0))
+        rows = np.asarray(batch.old_logps_BT)[:, 0].astype(int)
+        mask = np.asarray(batch.response_mask_BT)[:, 0]
+        np.testing.assert_array_equal(rows[:2 * real], expected_rows[:2 * real])
+        np.testing.assert_array_equal(mask, (np.arange(G * N) < N * real).astype(np.float32))
+        assert float(metrics["rollout/filled_groups"].mean()) == real and len(drawn) == min(max_draws, 2)

@@ -146,9 +146,8 @@ PPO = PRESETS["ppo"]
 
 
 def _no_extras(sample, mesh):
-    """No reward-function scores, every row trains."""
-    B = sample.sequences_BT.shape[0]
-    return shard_batch((np.zeros(B, np.float32), np.ones(B, np.float32)), mesh, DEFAULT_RULES)
+    """No reward-function scores."""
+    return shard_batch((np.zeros(sample.sequences_BT.shape[0], np.float32),), mesh, DEFAULT_RULES)
 
 
 def _ppo_state(mesh, optimizer, separate_critic):

@@ -32,7 +32,7 @@ from rlhf_jax.data import BatchIterator, collate_prompts, encode_prompts, simula
 from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.metrics import Metric, to_floats
 from rlhf_jax.trainable import Trainable
-from rlhf_jax.train_state import TrainState, make_optimizer, shardings_of
+from rlhf_jax.train_state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,11 +155,9 @@ class PolicyGradient:
     def num_samples(self) -> int:
         return self.algo.samples_per_prompt
 
-    def _score(self, state, sample: Sample, kl_coef, row_mask_B=None):
-        B = sample.rollout.sequences_BT.shape[0]
-        rows = np.ones(B, np.float32) if row_mask_B is None else row_mask_B
-        extra = sharding.shard_batch((sample.function_scores_B, rows), self.mesh, self.rules)
-        return self.score_step(state, sample.rollout, kl_coef, *extra)
+    def _score(self, state, sample: Sample, kl_coef):
+        function_scores_B, = sharding.shard_batch((sample.function_scores_B,), self.mesh, self.rules)
+        return self.score_step(state, sample.rollout, kl_coef, function_scores_B)
 
     def experience(self, state, draw: Draw, key, kl_coef):
         first = draw(jax.random.fold_in(key, 0))
@@ -168,7 +166,7 @@ class PolicyGradient:
             return batch, metrics, first
         N = self.num_samples
         groups = first.rollout.sequences_BT.shape[0] // N
-        kept_batches, kept_rows, draws, sample = [], [], 0, first
+        kept_batches, kept_rows, draws = [], [], 0
         while True:
             keep_G = np.asarray(advantages.groups_with_signal(np.asarray(batch.scores_B).reshape(-1, N)))
             kept_batches.append(batch)
@@ -177,8 +175,7 @@ class PolicyGradient:
             draws += 1
             if len(kept_rows) >= groups * N or draws >= self.max_draws:
                 break
-            sample = draw(jax.random.fold_in(key, draws))
-            batch, _ = self._score(state, sample, kl_coef)
+            batch, _ = self._score(state, draw(jax.random.fold_in(key, draws)), kl_coef)
         real = min(len(kept_rows), groups * N)
         rows = np.array(kept_rows[:real] + [0] * (groups * N - real))  # unfilled: any row, masked out below
         row_mask = (np.arange(groups * N) < real).astype(np.float32)
@@ -410,9 +407,5 @@ def place_state(ctx: Context, params: dict, param_axes: dict, frozen: dict, froz
     return state
 
 
-def optimizer_of(cfg: Any):
-    return make_optimizer(cfg.optim)
-
-
 __all__ = ["Context", "KLArgs", "Learner", "OnlineArgs", "PolicyGradient", "Sample", "kl_controller", "make_evaluate",
-           "place_state", "reference_of", "resolve_config", "run", "setup", "shardings_of"]
+           "place_state", "reference_of", "resolve_config", "run", "setup"]

@@ -28,8 +28,8 @@ from rlhf_jax.objectives import dpo_objective, reward_scores, token_logps
 from rlhf_jax.rl import loop
 from rlhf_jax.rl.steps import combined_scores, make_update_step
 from rlhf_jax.rollout import Rollout
-from rlhf_jax.sharding import batch_sharding, replicated, shard_batch
-from rlhf_jax.train_state import shardings_of
+from rlhf_jax.sharding import batch_sharding, shard_batch
+from rlhf_jax.train_state import make_optimizer, shardings_of
 from rlhf_jax.types import PairBatch
 
 
@@ -125,7 +125,7 @@ def _main(cfg: OnlineDPOConfig, stage: str = "online_dpo"):
     cfg = ctx.cfg
     frozen = {k: trees[k] for k in ("reference", "reward") if k in trees}
     frozen_axes = {k: axes[k] for k in frozen}
-    optimizer = loop.optimizer_of(cfg)
+    optimizer = make_optimizer(cfg.optim)
     state = loop.place_state(ctx, trees["policy"], axes["policy"], frozen, frozen_axes, optimizer)
     del trees, frozen
     state_sh = shardings_of(state)
@@ -163,4 +163,4 @@ def _main(cfg: OnlineDPOConfig, stage: str = "online_dpo"):
     return result, ctx.out, stage
 
 
-__all__ = ["OnlineDPO", "OnlineDPOConfig", "main", "pairs_from_rollout", "replicated"]
+__all__ = ["OnlineDPO", "OnlineDPOConfig", "main", "pairs_from_rollout"]

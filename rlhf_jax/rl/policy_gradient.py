@@ -14,7 +14,7 @@ import jax
 from rlhf_jax import defaults, memory, models, trainer
 from rlhf_jax.rl import algorithms, loop
 from rlhf_jax.rl.steps import make_score_step, make_update_step
-from rlhf_jax.train_state import shardings_of
+from rlhf_jax.train_state import make_optimizer, shardings_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ def _main(cfg: RLConfig):
             params["critic"], param_axes["critic"], critic_cfg = trees["reward"], axes["reward"], ctx.reward_cfg
     frozen = {k: trees[k] for k in ("reference", "reward") if k in trees}
     frozen_axes = {k: axes[k] for k in frozen}
-    optimizer = loop.optimizer_of(cfg)
+    optimizer = make_optimizer(cfg.optim)
     state = loop.place_state(ctx, params, param_axes, frozen, frozen_axes, optimizer)
     del params, frozen, trees
     state_sh = shardings_of(state)

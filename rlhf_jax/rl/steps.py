@@ -33,15 +33,13 @@ def combined_scores(rm_scores_B: jax.Array | None, function_scores_B: jax.Array,
 def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax.Array, function_scores_B: jax.Array,
                   *, model_cfg: models.ModelConfig, reward_cfg: models.ModelConfig | None, algo: Algorithm,
                   critic_cfg: models.ModelConfig | None = None, rm_weight: float = 1.0,
-                  missing_eos_penalty: float | None = None, row_mask_B: jax.Array | None = None
-                  ) -> tuple[RLBatch, Metrics]:
+                  missing_eos_penalty: float | None = None) -> tuple[RLBatch, Metrics]:
     """Old log-probs, reference log-probs, values (with a critic), scores and advantages of a rollout; no gradients.
 
     Scores are :func:`combined_scores` (``frozen["reward"]`` when the run has a reward model); responses
     without EOS get ``missing_eos_penalty`` instead when it is set (lm-human-preferences: −1). The
     advantages come from ``registry.ADVANTAGES[algo.advantage]`` with β = ``kl_coef`` when the KL sits
-    in the reward, 0 otherwise. ``row_mask_B`` (0 = the row does not train: dynamic sampling's dropped
-    groups) and, with ``algo.overlong_filter``, the truncated responses leave the loss mask.
+    in the reward, 0 otherwise. With ``algo.overlong_filter`` the truncated responses leave the loss mask.
     """
     ids_BT, attention_BT = rollout.sequences_BT, rollout.attention_mask_BT
     mask_BT = rollout.scored_mask_BT
@@ -62,8 +60,6 @@ def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax
     train_mask_BT = mask_BT
     if algo.overlong_filter:
         train_mask_BT = losses.ppo.overlong_filter(train_mask_BT, rollout.has_eos_B)
-    if row_mask_B is not None:
-        train_mask_BT = train_mask_BT * jnp.asarray(row_mask_B, jnp.float32)[:, None]
     batch = jax.lax.stop_gradient(RLBatch(
         input_ids_BT=ids_BT, attention_mask_BT=attention_BT, response_mask_BT=train_mask_BT, old_logps_BT=logps_BT,
         ref_logps_BT=ref_logps_BT, advantages_BT=advantages_BT * train_mask_BT, scores_B=scores_B,
@@ -93,15 +89,15 @@ def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax
 
 def make_score_step(model_cfg: models.ModelConfig, reward_cfg: models.ModelConfig | None, state_shardings: TrainState,
                     mesh: Mesh, rules: Rules, *, view=None, **score_options) -> Step:
-    """``(batch, metrics) = score(state, rollout, kl_coef, function_scores_B, row_mask_B)``, jitted;
+    """``(batch, metrics) = score(state, rollout, kl_coef, function_scores_B)``, jitted;
     ``score_options`` go to :func:`score_rollout` (``algo``, ``critic_cfg``, ``rm_weight``, ``missing_eos_penalty``)."""
-    def score(state: TrainState, rollout: Rollout, kl_coef: jax.Array, function_scores_B: jax.Array,
-              row_mask_B: jax.Array) -> tuple[RLBatch, Metrics]:
+    def score(state: TrainState, rollout: Rollout, kl_coef: jax.Array, function_scores_B: jax.Array
+              ) -> tuple[RLBatch, Metrics]:
         params, frozen = (state.params, state.frozen) if view is None else view(state.params, state.frozen)
         return score_rollout(params, frozen, rollout, kl_coef, function_scores_B, model_cfg=model_cfg,
-                             reward_cfg=reward_cfg, row_mask_B=row_mask_B, **score_options)
+                             reward_cfg=reward_cfg, **score_options)
     rows = batch_sharding(mesh, rules)
-    return jax.jit(score, in_shardings=(state_shardings, rows, replicated(mesh), rows, rows),
+    return jax.jit(score, in_shardings=(state_shardings, rows, replicated(mesh), rows),
                    out_shardings=(rows, replicated(mesh)))
 
 
