@@ -225,7 +225,8 @@ def resolve_config(cfg: Any, stage: str, model_cfg, tokenizer, train_rows, eval_
                                                            max_len=model_cfg.max_position_embeddings),
                                     model_cfg=model_cfg, num_prompts=len(train_rows))
     given = cfg.rollout_prompts
-    cfg = defaults.resolve(cfg, "ppo", kind=kind, facts=facts)
+    cfg = defaults.resolve(cfg, "ppo", kind=kind, facts=facts,  # every online method takes PPO's table
+                           printer=lambda line: print(line.replace("[ppo]", f"[{stage}]", 1), flush=True))
     if given is None and num_samples > 1:
         cfg = dataclasses.replace(cfg, rollout_prompts=max(1, cfg.rollout_prompts // num_samples))
         print(f"[{stage}] {cfg.rollout_prompts} prompts x {num_samples} samples per iteration (auto)", flush=True)
