@@ -189,10 +189,14 @@ def test_an_expired_assignment_frees_its_slot(tmp_path):
 
 
 def test_the_overlap_of_a_database_is_fixed(tmp_path):
+    Store(tmp_path / "fb.db").add_annotator("alice")  # accounts before the first serve fix nothing
     Store(tmp_path / "fb.db", overlap=3)
     assert Store(tmp_path / "fb.db").overlap == 3
     with pytest.raises(ValueError, match="overlap 3"):
         Store(tmp_path / "fb.db", overlap=2)
+    assert Store(tmp_path / "other.db", fix_overlap=True).overlap == 1  # a serve without --overlap fixes 1
+    with pytest.raises(ValueError, match="overlap 1"):
+        Store(tmp_path / "other.db", overlap=2)
 
 
 def test_candidate_file_errors_name_file_line_field(tmp_path):

@@ -2,8 +2,10 @@
 
 Durability: the database runs in WAL mode with ``synchronous=FULL``, and every answer is one
 ``BEGIN IMMEDIATE … COMMIT`` transaction, so an answer the server acknowledged is on disk and
-survives a ``SIGKILL`` of the server (or of the machine). ``UNIQUE(item, annotator)`` on answers
-makes a replayed or retried answer a clean 409, never a duplicate.
+survives a ``SIGKILL`` of the server (or a power cut). ``UNIQUE(item, annotator)`` on answers
+makes a replayed or retried answer a clean 409, never a duplicate. Assignments are committed without
+their own fsync (``synchronous=NORMAL``): they survive a crash of the server, and at worst a power cut
+hands an item out again.
 
 Tables:
 
@@ -123,11 +125,13 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def connect(path: str | os.PathLike) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL, fsync on every commit."""
+def connect(path: str | os.PathLike, *, durable: bool = True) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL. ``durable``: every commit is
+    fsync'ed (``synchronous=FULL``: on disk when COMMIT returns, even if the machine loses power);
+    otherwise (``NORMAL``) a commit survives a crash of the process but maybe not of the machine."""
     conn = sqlite3.connect(os.fspath(path), timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
@@ -149,25 +153,31 @@ class Store:
     """The database at ``path``, created on first use. One ``Store`` per process; it opens a
     short-lived connection per call, so it is safe to share between the web server's threads."""
 
-    def __init__(self, path: str | os.PathLike, *, overlap: int | None = None, lease_s: float = 3600.0):
+    def __init__(self, path: str | os.PathLike, *, overlap: int | None = None, lease_s: float = 3600.0,
+                 fix_overlap: bool = False):
+        """``overlap``: annotators per item. It is fixed in the database by the first ``Store`` that
+        gives it or that says ``fix_overlap`` (the server does; ``add-annotator`` and ``export`` do not),
+        and a later different value is an error. Unfixed and not given, it is 1."""
         self.path = os.fspath(path)
         self.lease_s = lease_s
         with contextlib.closing(connect(self.path)) as conn:
             conn.executescript(SCHEMA)
             stored = conn.execute("SELECT value FROM settings WHERE key = 'overlap'").fetchone()
-            if overlap is None:
-                overlap = int(stored[0]) if stored else 1
-            elif stored and int(stored[0]) != overlap:
+            if overlap is not None and stored and int(stored[0]) != overlap:
                 raise ValueError(f"{self.path}: this database was set up with --overlap {stored[0]}; "
                                  f"got --overlap {overlap} (the overlap of a database cannot change)")
+            given = overlap is not None
+            if overlap is None:
+                overlap = int(stored[0]) if stored else 1
             if overlap < 1:
                 raise ValueError(f"--overlap must be >= 1, got {overlap}")
-            conn.execute("INSERT OR IGNORE INTO settings VALUES ('overlap', ?)", (str(overlap),))
+            if given or fix_overlap:
+                conn.execute("INSERT OR IGNORE INTO settings VALUES ('overlap', ?)", (str(overlap),))
         self.overlap = overlap
 
     @contextlib.contextmanager
-    def _conn(self) -> Iterator[sqlite3.Connection]:
-        conn = connect(self.path)
+    def _conn(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        conn = connect(self.path, durable=durable)
         try:
             yield conn
         finally:
@@ -262,9 +272,12 @@ class Store:
     def next_item(self, annotator: Annotator) -> Item | None:
         """The annotator's current item: their unanswered assignment if they have one (so a reload
         shows the same item), else a new assignment of the oldest item that still needs an answer and
-        that they have never been given. None when there is nothing left for them."""
+        that they have never been given. None when there is nothing left for them.
+
+        An assignment is committed without an fsync of its own (it survives a crash of the server, and
+        the next answer's fsync makes it durable); losing one to a power cut only hands its item out again."""
         now = time.time()
-        with self._conn() as conn, transaction(conn):
+        with self._conn(durable=False) as conn, transaction(conn):
             open_row = conn.execute(
                 "SELECT a.item_id FROM assignments a WHERE a.annotator_id = ? AND NOT EXISTS "
                 "(SELECT 1 FROM answers w WHERE w.item_id = a.item_id AND w.annotator_id = a.annotator_id) "

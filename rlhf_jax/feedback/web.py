@@ -120,7 +120,7 @@ def serve(cmd: Serve) -> int:
     if cmd.candidates is not None and cmd.prompts is not None:
         raise ValueError("--prompts goes with --policy; a --candidates file holds its own prompts")
     item_sources.check_tasks(cmd.tasks, cmd.ranking_size)
-    store = Store(cmd.db, overlap=cmd.overlap, lease_s=cmd.lease_s)
+    store = Store(cmd.db, overlap=cmd.overlap, lease_s=cmd.lease_s, fix_overlap=True)
     gold = None
     if cmd.gold is not None:
         from rlhf_jax import rewards
