@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import time
 from typing import Literal
@@ -71,6 +72,11 @@ class PipelineConfig:
     """What each later round trains: "ppo" (retrain the reward model on every comparison so far, continue PPO
     from the latest policy) or "dpo" (iterative DPO, Xiong et al. 2024: DPO from the latest DPO policy on that
     round's new comparisons of its own samples). Either way the SFT model stays the reference."""
+    feedback_db: str | None = None
+    """Take each later round's new comparisons from this feedback database instead of the simulated annotator:
+    the pairwise answers to items sampled from the round-start policy by the web app
+    (python -m rlhf_jax.feedback.web serve --db DB --policy <out>/ppo/hf --prompts simulated:512, for round 2),
+    a fifth of their prompts held out."""
     pairs_per_round: int = 2048
     """New comparisons of policy samples per later round (and a quarter as many on held-out prompts,
     on which the retrained reward model's accuracy is measured)."""
@@ -272,8 +278,9 @@ def later_round(cfg: PipelineConfig, r: int, timings: dict) -> dict:
     rm_cfg = dataclasses.replace(cfg.rm, model=dataclasses.replace(cfg.rm.model, path=sft_hf),
                                  data=dataclasses.replace(cfg.rm.data, path=str(train_file), eval_path=str(eval_file)))
     rm = _stage(f"round {r}: reward model", "rm", reward_model.main, rm_cfg, cfg, timings, out=str(out))
-    rm["agreement_ceiling"] = simulated.Annotator().agreement_ceiling([p.prompt for p in eval_pairs],
-                                                                      [(p.chosen, p.rejected) for p in eval_pairs])
+    rm["agreement_ceiling"] = (None if cfg.feedback_db is not None else  # people, not the simulated annotator
+                               simulated.Annotator().agreement_ceiling([p.prompt for p in eval_pairs],
+                                                                       [(p.chosen, p.rejected) for p in eval_pairs]))
     # the reward model PPO used so far, on the same held-out pairs: what retraining gained
     rm["previous_rm_accuracy"] = rm_pair_accuracy(str(_round_dir(cfg, r - 1) / "rm" / "hf"), eval_pairs, cfg)
     ppo_cfg = dataclasses.replace(cfg.ppo, model=dataclasses.replace(cfg.ppo.model, path=policy_hf), reference=sft_hf,
@@ -290,7 +297,16 @@ def annotate_policy_samples(cfg: PipelineConfig, r: int, policy_hf: str, out: pa
 
     train_file, eval_file = out / "comparisons.jsonl", out / "comparisons_eval.jsonl"
     new_file = out / "new_comparisons.jsonl"
-    if not (cfg.resume and train_file.exists() and eval_file.exists()):
+    if cfg.feedback_db is not None and not (cfg.resume and train_file.exists() and eval_file.exists()):
+        new_rows, eval_rows = feedback_db_rows(cfg.feedback_db, policy_hf)
+        print(f"[pipeline] round {r}: {len(new_rows)} comparisons for training and {len(eval_rows)} held out from "
+              f"{cfg.feedback_db}", flush=True)
+        earlier = (_read_jsonl(_round_dir(cfg, r - 1) / "comparisons.jsonl") if r > 2 else
+                   simulated.pairwise_rows(cfg.rm.data.num_train, cfg.rm.data.seed, "train"))
+        _write_jsonl(new_file, new_rows)
+        _write_jsonl(train_file, earlier + new_rows)
+        _write_jsonl(eval_file, eval_rows)
+    elif not (cfg.resume and train_file.exists() and eval_file.exists()):
         model_cfg, params, tokenizer = model_io.load_lm(dataclasses.replace(cfg.ppo.model, path=policy_hf))
         draws = iter(range(1 << 20))
         # the iterated rounds sample simulated prompts: PPO's auto sampling fields for this model
@@ -315,6 +331,31 @@ def annotate_policy_samples(cfg: PipelineConfig, r: int, policy_hf: str, out: pa
         _write_jsonl(train_file, earlier + new_rows)
         _write_jsonl(eval_file, eval_rows)
     return train_file, eval_file
+
+
+def feedback_db_rows(db: str, policy_hf: str, held_out: float = 0.2) -> tuple[list[dict], list[dict]]:
+    """``(train, held_out)`` pairwise rows (the export's, with annotator ids in ``meta``) of a feedback
+    database's answers to items sampled from ``policy_hf``; prompts split by ``sources.split_held_out``."""
+    from rlhf_jax.data.formats import parse_row
+    from rlhf_jax.data.sources import split_held_out
+    from rlhf_jax.feedback import export
+    from rlhf_jax.feedback.store import Store
+
+    if not pathlib.Path(db).exists():
+        raise FileNotFoundError(f"--feedback-db {db}: no such database")
+    source = f"policy:{os.path.abspath(policy_hf)}"
+    answers = Store(db).answers()
+    rows = export.pairwise_rows([a for a in answers if a.item.source == source])
+    if not rows:
+        found = sorted({a.item.source for a in answers if a.item.kind == "pairwise"})
+        raise ValueError(f"--feedback-db {db}: no A/B answers to pairwise items sampled from {policy_hf} (sources "
+                         f"with pairwise answers: {found or 'none'}); serve that policy's samples with python -m "
+                         f"rlhf_jax.feedback.web serve --db {db} --policy {policy_hf} --prompts ...")
+    parsed = [parse_row(row, "pairwise", f"{db}:answer {row['meta']['answer']}") for row in rows]
+    train, held = split_held_out(parsed, held_out)
+    held_ids = {id(r) for r in held}
+    return ([row for row, p in zip(rows, parsed) if id(p) not in held_ids],
+            [row for row, p in zip(rows, parsed) if id(p) in held_ids])
 
 
 def rm_pair_accuracy(rm_hf: str, pairs: list, cfg: PipelineConfig) -> float:
@@ -412,7 +453,8 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, peaks: dict | 
             lines += ["", f"Round {key[5:]} reward model, accuracy on held-out pairs of the round-start policy's "
                       f"samples: **{res['rm']['accuracy']:.1%}**"
                       + (f" (the previous round's reward model: {previous:.1%})" if previous is not None else "")
-                      + f"; annotator agreement ceiling {res['rm']['agreement_ceiling']:.1%}"]
+                      + (f"; annotator agreement ceiling {res['rm']['agreement_ceiling']:.1%}"
+                         if res["rm"].get("agreement_ceiling") is not None else "; comparisons from the feedback database")]
     peaks = PEAK_MEMORY if peaks is None else peaks
     lines += ["", "| stage | seconds | peak memory (GiB) |", "|---|---|---|"] + [
         f"| {k} | {v:.0f} | {f'{peaks[k]:.2f}' if k in peaks else '-'} |" for k, v in timings.items()]

@@ -2,6 +2,7 @@
 agreement through the app against hand computations, exports that the training scripts read."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -354,3 +355,40 @@ def test_exported_rows_train_the_reward_model_and_dpo(tmp_path):
     assert (tmp_path / "run/dpo/hf/config.json").exists()
     with sqlite3.connect(tmp_path / "fb.db") as conn:  # the export only reads
         assert conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 48
+
+
+def test_the_pipelines_next_round_takes_its_comparisons_from_the_database(tmp_path):
+    """pipeline.py --feedback-db: round 2's new comparisons are the database's A/B answers to items sampled from
+    the round-start policy (ties, skips and other sources excluded), a fifth of the prompts held out."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import pipeline
+    from rlhf_jax.data import simulated
+
+    policy = tmp_path / "run" / "ppo" / "hf"
+    store = Store(tmp_path / "fb.db", overlap=2)
+    prompts = [r["prompt"] for r in simulated.prompt_rows(40, 1, "train")]
+    source = f"policy:{policy.resolve()}"
+    store.add_items([{"kind": "pairwise", "prompt": p, "responses": [f" yes {i}", f" no {i}"], "source": source,
+                      "prompt_index": i} for i, p in enumerate(prompts)]
+                    + [{"kind": "pairwise", "prompt": "other", "responses": ["a", "b"], "source": "file:x", "prompt_index": 0}])
+    for name in ("ann1", "ann2"):
+        store.add_annotator(name)
+        who = store.annotator(name)
+        while (item := store.next_item(who)) is not None:
+            choice = "tie" if item.prompt_index % 10 == 9 and name == "ann1" else "AB"[item.prompt_index % 2]
+            store.submit(who, item.id, {"kind": "pairwise", "choice": choice})
+    cfg = pipeline.cli(["--out", str(tmp_path / "run"), "--rounds", "2", "--feedback-db", str(tmp_path / "fb.db"),
+                        "--rm.data.num-train", "64"])
+    train_file, eval_file = pipeline.annotate_policy_samples(cfg, 2, str(policy), tmp_path / "run" / "round2")
+    new = [json.loads(x) for x in (tmp_path / "run/round2/new_comparisons.jsonl").read_text().splitlines()]
+    held = [json.loads(x) for x in eval_file.read_text().splitlines()]
+    everything = [json.loads(x) for x in train_file.read_text().splitlines()]
+    assert len(new) + len(held) == 2 * 40 - 4  # ann1's four ties make no row; item "other" is another source
+    assert len(everything) == 64 + len(new)  # round 1's simulated comparisons, then the database's
+    assert {r["prompt"] for r in new}.isdisjoint({r["prompt"] for r in held}) and 4 <= len({r["prompt"] for r in held}) <= 16
+    assert all(r["chosen"].startswith(" yes") == (r["meta"]["prompt_index"] % 2 == 0) for r in new + held)
+    assert {r["meta"]["annotator"] for r in new} == {"ann1", "ann2"}
+    cfg = dataclasses.replace(cfg, feedback_db=str(tmp_path / "empty.db"))
+    Store(tmp_path / "empty.db")
+    with pytest.raises(ValueError, match="no A/B answers to pairwise items sampled from"):
+        pipeline.annotate_policy_samples(cfg, 2, str(policy), tmp_path / "run" / "round2b")
