@@ -130,6 +130,7 @@ class PolicySampler:
         self.gold, self.ahead, self.seed, self.source = gold, ahead, seed, f"policy:{os.path.abspath(policy)}"
         self.cfg, self.params, self.tokenizer = model_io.load_lm(ModelArgs(path=policy, chat_template=chat_template))
         rows = [parse_row({"prompt": p}, "prompt", f"prompt {i}") for i, p in enumerate(self.prompts)]
+        self._parsed = [r.prompt for r in rows]  # what the sampler encodes; items store the JSON form
         encoded = encode_prompts(rows, self.tokenizer, max_len=self.cfg.max_position_embeddings)
         longest = max(len(e.prompt_ids) for e in encoded)
         if longest + max_new_tokens > self.cfg.max_position_embeddings:
@@ -159,8 +160,10 @@ class PolicySampler:
 
         from rlhf_jax import sampling
 
+        start = time.perf_counter()
         batch = self.prompts[index:index + self.sample_args.batch_size]
-        texts, _ = sampling.sample(self.cfg, self.params, self.tokenizer, batch, key=jax.random.fold_in(self._key, index),
+        parsed = self._parsed[index:index + self.sample_args.batch_size]
+        texts, _ = sampling.sample(self.cfg, self.params, self.tokenizer, parsed, key=jax.random.fold_in(self._key, index),
                                    sample_args=self.sample_args, num_samples=self.samples)
         items = []
         for offset, (prompt, responses) in enumerate(zip(batch, texts)):
@@ -174,7 +177,9 @@ class PolicySampler:
                       f"({self.skipped} prompts so far)", file=sys.stderr, flush=True)
             else:
                 items.append(item)
-        self.store.add_items(items)
+        new = self.store.add_items(items)
+        print(f"[feedback] sampled prompts {index}..{index + len(batch) - 1}: {new} new items "
+              f"({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
         return index + len(batch)
 
     def _run(self) -> None:
