@@ -392,3 +392,65 @@ def test_the_pipelines_next_round_takes_its_comparisons_from_the_database(tmp_pa
     Store(tmp_path / "empty.db")
     with pytest.raises(ValueError, match="no A/B answers to pairwise items sampled from"):
         pipeline.annotate_policy_samples(cfg, 2, str(policy), tmp_path / "run" / "round2b")
+
+
+def test_a_policy_is_sampled_in_the_background_ahead_of_the_annotators(tmp_path):
+    """--policy: items appear in the background, at most a batch beyond ``ahead`` open items; answering makes
+    the sampler go on; a restarted sampler continues after the last stored prompt with the same draws a single
+    run makes; the gold judge's scores are stored per response."""
+    import time
+
+    from rlhf_jax import model_io, rewards
+    from rlhf_jax.cli import ModelArgs
+    from rlhf_jax.data.simulated import gold_scores
+
+    base = model_io.export_lm(tmp_path / "base", *model_io.load_lm(ModelArgs()))
+    prompts = items.read_prompts("simulated:12")
+
+    def sampler(store):
+        return items.PolicySampler(store, str(base), prompts, tasks=["pairwise", "ranked", "thumbs"], ranking_size=3,
+                                   gold=rewards.gold, ahead=4, seed=7, max_new_tokens=12, temperature=1.0, top_p=None,
+                                   batch_size=4)
+
+    def wait(store, s, n):
+        deadline = time.monotonic() + 300
+        while store.open_items() < n and not s.done and s.error is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(0.5)  # would it sample more than it should?
+        assert s.error is None, s.error
+
+    store = Store(tmp_path / "a.db", overlap=1)
+    s = sampler(store).start()
+    wait(store, s, 4)
+    assert store.next_prompt_index(s.source) == 4 and store.open_items() == 4 - s.skipped  # one batch, then it waits
+    store.add_annotator("ann")
+    who = store.annotator("ann")
+    for _ in range(3):
+        item = store.next_item(who)
+        store.submit(who, item.id, {"kind": item.kind, **({"choice": "A"} if item.kind == "pairwise" else
+                                                          {"skip": True})})
+    wait(store, s, 4)
+    s.stop()
+    assert store.next_prompt_index(s.source) == 8
+    restarted = sampler(store)
+    assert restarted.fill(store.next_prompt_index(s.source)) == 12  # goes on at prompt 8
+    one_run = Store(tmp_path / "b.db", overlap=1)
+    straight = sampler(one_run)
+    for start in (0, 4, 8):
+        straight.fill(start)
+    got = {(a.prompt_index, a.kind): (a.prompt, a.responses, a.gold) for a in _items(store)}
+    want = {(a.prompt_index, a.kind): (a.prompt, a.responses, a.gold) for a in _items(one_run)}
+    assert got == want and len(got) == 12 - s.skipped - restarted.skipped
+    kinds = {k for (_, k) in got}
+    assert kinds == {"pairwise", "ranked", "thumbs"}
+    for (i, kind), (prompt, responses, gold) in got.items():
+        assert prompt == prompts[i] and kind == ("pairwise", "ranked", "thumbs")[i % 3]
+        assert len(responses) == {"pairwise": 2, "ranked": 3, "thumbs": 1}[kind] and len(set(responses)) == len(responses)
+        assert gold == pytest.approx(gold_scores([prompt] * len(responses), responses).tolist())
+
+
+def _items(store: Store) -> list:
+    with sqlite3.connect(store.path) as conn:
+        ids = [r[0] for r in conn.execute("SELECT id FROM items ORDER BY id")]
+    return [store.item(i) for i in ids]
