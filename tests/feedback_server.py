@@ -45,7 +45,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 60) -> "Server":
+    def start(self, timeout_s: float = 60) -> Server:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.feedback.web", "serve", *self.args,
                                       "--port", str(self.port)], cwd=ROOT, env=env,

@@ -15,17 +15,16 @@ import shutil
 import urllib.request
 
 import pytest
-
 from feedback_server import ROOT, Server, add_annotator
 
-CANDIDATES = [(f"/usr/lib/chromium/chromium"), shutil.which("chromium") or "", shutil.which("chromium-browser") or ""]
+CANDIDATES = [("/usr/lib/chromium/chromium"), shutil.which("chromium") or "", shutil.which("chromium-browser") or ""]
 CHROMIUM = next((c for c in CANDIDATES if c and os.path.exists(c)), None)
 if CHROMIUM is None:
     if os.environ.get("RLHF_JAX_REQUIRE_BROWSER") == "1":
         raise RuntimeError("RLHF_JAX_REQUIRE_BROWSER=1 but no chromium found: apt-get install -y chromium")
     pytest.skip("no chromium on this machine (apt-get install -y chromium)", allow_module_level=True)
 
-from playwright.sync_api import expect, sync_playwright  # noqa: E402
+from playwright.sync_api import expect, sync_playwright
 
 ARTIFACTS = pathlib.Path(os.environ.get("RLHF_JAX_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "feedback"
 EVIL = '<script>window.__injected = 1</script><img src=x onerror="window.__injected = 2">'

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 
 from feedback_server import Server, write_candidates
+
 from rlhf_jax.feedback.store import Store
 
 ANNOTATORS, ANSWERS_EACH, OVERLAP = 20, 200, 2

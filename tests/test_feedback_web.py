@@ -12,8 +12,8 @@ import sys
 
 import pytest
 from fastapi.testclient import TestClient
-
 from feedback_server import ROOT, write_candidates
+
 from rlhf_jax.data.formats import load_rows
 from rlhf_jax.feedback import export, items
 from rlhf_jax.feedback.server import create_app
@@ -362,6 +362,7 @@ def test_the_pipelines_next_round_takes_its_comparisons_from_the_database(tmp_pa
     the round-start policy (ties, skips and other sources excluded), a fifth of the prompts held out."""
     sys.path.insert(0, str(ROOT / "experiments"))
     import pipeline
+
     from rlhf_jax.data import simulated
 
     policy = tmp_path / "run" / "ppo" / "hf"

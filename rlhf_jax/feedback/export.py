@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from rlhf_jax.feedback import agreement
 from rlhf_jax.feedback.store import Answer, Store

@@ -17,10 +17,11 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from rlhf_jax.data import validation as v
-from rlhf_jax.data.formats import read_records, row_to_dict, load_rows
+from rlhf_jax.data.formats import load_rows, read_records, row_to_dict
 from rlhf_jax.data.validation import DataError
 from rlhf_jax.feedback.store import KINDS, Store
 
@@ -123,7 +124,7 @@ class PolicySampler:
 
         from rlhf_jax import defaults, model_io
         from rlhf_jax.cli import ModelArgs, SampleArgs
-        from rlhf_jax.data import PromptRow, encode_prompts
+        from rlhf_jax.data import encode_prompts
         from rlhf_jax.data.formats import parse_row
 
         self.store, self.prompts, self.tasks, self.ranking_size = store, list(prompts), list(tasks), ranking_size
@@ -146,7 +147,7 @@ class PolicySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="policy-sampler", daemon=True)
 
-    def start(self) -> "PolicySampler":
+    def start(self) -> PolicySampler:
         self._thread.start()
         return self
 

@@ -35,7 +35,8 @@ import os
 import secrets
 import sqlite3
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 KINDS = ("pairwise", "ranked", "thumbs")
 CHOICES = ("A", "B", "tie", "skip")
