@@ -330,7 +330,8 @@ def _rows_read(stdout: str) -> int:
 
 @pytest.mark.slow
 def test_exported_rows_train_the_reward_model_and_dpo(tmp_path):
-    """The CLI's export, as it is, trains reward_model.py and dpo.py end to end (tiny budgets)."""
+    """The CLI's export, as it is, trains reward_model.py, dpo.py (pairwise rows) and kto.py (thumbs) end to end
+    (tiny budgets)."""
     _fill_with_simulated_answers(tmp_path / "fb.db", 24)
     subprocess.run([sys.executable, "-m", "rlhf_jax.feedback.web", "export", "--db", str(tmp_path / "fb.db"),
                     "--out", str(tmp_path / "out")], check=True, cwd=ROOT, capture_output=True)
@@ -353,6 +354,12 @@ def test_exported_rows_train_the_reward_model_and_dpo(tmp_path):
     assert dpo.returncode == 0, dpo.stderr[-3000:]
     assert _rows_read(dpo.stdout) == 24, dpo.stdout[-2000:]
     assert (tmp_path / "run/dpo/hf/config.json").exists()
+    kto = subprocess.run([sys.executable, "experiments/kto.py", *common[:2], "--data.path", str(tmp_path / "out/binary.jsonl"),
+                          "--data.eval-fraction", "0.25", "--run.out", str(tmp_path / "run"), "--steps", "2",
+                          "--batch-size", "4", "--eval-every", "2", "--num-eval-prompts", "4", "--run.save-every", "1000"],
+                         cwd=ROOT, capture_output=True, text=True, env=_script_env())
+    assert kto.returncode == 0, kto.stderr[-3000:]
+    assert _rows_read(kto.stdout) == 12, kto.stdout[-2000:]  # the thumbs answers
     with sqlite3.connect(tmp_path / "fb.db") as conn:  # the export only reads
         assert conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 48
 
