@@ -34,6 +34,14 @@ class BestOfNConfig:
     """Policy to sample from (default: <run.out>/sft/hf)."""
     reward_model: str | None = None
     """Reward model folder (default: <run.out>/rm/hf)."""
+    reward_ensemble: tuple[str, ...] = ()
+    """Reward model folders of an ensemble instead (Coste et al. 2023: reward_model.py runs with different
+    --run.seed): samples are ranked by the members' scores combined by --ensemble-rule (rlhf_jax.ensemble)."""
+    ensemble_rule: str = "mean"
+    """How --reward-ensemble's scores combine (rlhf_jax.registry.ENSEMBLE_RULES): mean, worst (min over
+    members) or uwo (mean − λ · variance over members)."""
+    ensemble_uwo_lambda: float = 0.5
+    """λ of --ensemble-rule uwo (0.5: the default of Coste et al.'s best-of-n code)."""
     data: cli.DataArgs = cli.DataArgs(num_eval=256, seed=2)
     """Evaluation prompts: simulated held-out prompts by default; --data.eval-path, or the held-out split
     of --data.path (--data.eval-fraction: the same prompts ppo.py evaluates on)."""
@@ -56,7 +64,11 @@ def _main(cfg: BestOfNConfig):
     run_dir = pathlib.Path(cfg.run.out)
     model_cfg, params, tokenizer = model_io.load_lm(
         dataclasses.replace(cfg.model, path=cfg.model.path or str(run_dir / "sft" / "hf")))
-    reward = evaluation.load_reward_model(cfg.reward_model or run_dir / "rm" / "hf", cfg.model, tokenizer)
+    if cfg.reward_ensemble and cfg.reward_model:
+        raise ValueError("best_of_n: --reward-model and --reward-ensemble both given: pass one (a single model is a "
+                         "one-member --reward-ensemble)")
+    reward = evaluation.load_reward_model(cfg.reward_ensemble or cfg.reward_model or run_dir / "rm" / "hf", cfg.model,
+                                          tokenizer, rule=cfg.ensemble_rule, uwo_lambda=cfg.ensemble_uwo_lambda)
     eval_rows = sources.rows_from(cfg.data, "prompt", "eval", simulated.prompt_rows)[:cfg.num_eval_prompts]
     cfg = resolve_config(cfg, model_cfg, tokenizer, eval_rows)
     prompts = sources.prompt_texts(eval_rows)

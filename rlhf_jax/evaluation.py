@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 
-from rlhf_jax import kl, models, objectives, ops, rollout
+from rlhf_jax import ensemble, kl, models, objectives, ops, rollout
 
 NUM_SAMPLES_SHOWN = 8
 """Prompts whose responses are kept in ``samples`` (eval.json, samples.md)."""
@@ -162,18 +163,25 @@ class Samples:
 
 @dataclasses.dataclass(frozen=True)
 class RewardModel:
-    """A reward model to judge samples with: its config and ``{"backbone", "head"}`` params."""
+    """A reward model to judge samples with: its config and ``{"backbone", "head"}`` params, or a
+    :class:`rlhf_jax.ensemble.RewardEnsemble` (members stacked, scores combined by its rule)."""
 
     cfg: models.ModelConfig
     params: Any
 
 
-def load_reward_model(path: Any, model_args: Any, tokenizer: Any) -> RewardModel:
+def load_reward_model(path: Any, model_args: Any, tokenizer: Any, *, rule: str = "mean", uwo_lambda: float = 0.0
+                      ) -> RewardModel:
     """The reward model at ``path`` (``model_io.save_reward_model``'s layout) as a judge of samples
-    tokenized by ``tokenizer``; an error names both when their vocabularies differ."""
-    from rlhf_jax import model_io
+    tokenized by ``tokenizer``; an error names both when their vocabularies differ. A sequence of paths
+    loads an ensemble (:func:`rlhf_jax.ensemble.load`) whose scores ``rule`` combines (with ``uwo_lambda``)."""
+    from rlhf_jax import ensemble, model_io
 
-    cfg, params, rm_tokenizer = model_io.load_reward_model(path, model_args)
+    if isinstance(path, (str, os.PathLike)):
+        cfg, params, rm_tokenizer = model_io.load_reward_model(path, model_args)
+    else:
+        cfg, params, rm_tokenizer = ensemble.load(path, model_args, rule=rule, uwo_lambda=uwo_lambda)
+        path = ", ".join(map(str, path))
     if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"the reward model {path} has another tokenizer than the policy ({len(rm_tokenizer)} vs "
                          f"{len(tokenizer)} tokens): it cannot score the policy's token ids")
@@ -282,7 +290,14 @@ def summary(result: Mapping[str, Any]) -> str:
 # --- Scores and KL of sampled rollouts --------------------------------------------------------------
 
 _token_logps = jax.jit(objectives.token_logps, static_argnums=0)  # compiled once per (cfg, shapes), reused by every call
-_reward_scores = jax.jit(objectives.reward_scores, static_argnums=0)
+
+
+def _combined_rm_scores(cfg: models.ModelConfig, rm_params: Any, ids_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    return ensemble.score(cfg, rm_params, ids_BT, mask_BT)[0]  # one reward model: objectives.reward_scores itself
+
+
+_reward_scores = jax.jit(_combined_rm_scores, static_argnums=0)
+_member_scores = jax.jit(ensemble.member_scores, static_argnums=0)
 
 
 def kl_to_reference(cfg: models.ModelConfig, params: Any, ref_params: Any, rollouts: Sequence[rollout.Rollout]
@@ -305,8 +320,20 @@ def gold_eval(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
 
 
 def rm_scores(cfg: models.ModelConfig, rm_params: Any, rollouts: Sequence[rollout.Rollout]) -> np.ndarray:
-    """Reward-model score of every sampled sequence (last real token)."""
+    """Reward-model score of every sampled sequence (last real token); with an ensemble
+    (:class:`rlhf_jax.ensemble.RewardEnsemble`), its members' scores combined by its rule."""
     return np.concatenate([np.asarray(_reward_scores(cfg, rm_params, r.sequences_BT, r.attention_mask_BT)) for r in rollouts])
+
+
+def rm_member_scores(cfg: models.ModelConfig, rm_params: Any, rollouts: Sequence[rollout.Rollout]) -> np.ndarray:
+    """Every member's score of every sampled sequence, ``(K, rows)``: an ensemble's members (before its rule
+    combines them), or one row for a single reward model."""
+    from rlhf_jax.ensemble import RewardEnsemble
+
+    if not isinstance(rm_params, RewardEnsemble):
+        return rm_scores(cfg, rm_params, rollouts)[None]
+    return np.concatenate([np.asarray(_member_scores(cfg, rm_params.params, r.sequences_BT, r.attention_mask_BT))
+                           for r in rollouts], axis=1)
 
 
 def evaluate_trained_policy(*, stage: str, name: str, out: Any, step: int, model_cfg: models.ModelConfig, policy: Any,

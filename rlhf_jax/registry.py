@@ -23,6 +23,7 @@ registry               home                             a variant is
 ``KL_ESTIMATORS``      ``rlhf_jax.kl``                  ``(logps_BT, ref_logps_BT) -> kl_BT``
 ``AGGREGATIONS``       ``rlhf_jax.ops``                 ``(values_BT, mask_BT, *, max_len) -> Metric``
 ``PREFERENCE_LOSSES``  ``rlhf_jax.losses.dpo``          ``(chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, *, beta, ...) -> (loss, metrics)``
+``ENSEMBLE_RULES``     ``rlhf_jax.ensemble``            ``(scores_KB, *, uwo_lambda) -> scores_B``: K reward models' scores combined
 =====================  ===============================  ==============================================
 """
 from __future__ import annotations
@@ -87,8 +88,9 @@ KL_PLACEMENTS = Registry("KL placement", "rlhf_jax.kl")
 KL_ESTIMATORS = Registry("KL estimator", "rlhf_jax.kl")
 AGGREGATIONS = Registry("loss aggregation", "rlhf_jax.ops")
 PREFERENCE_LOSSES = Registry("preference loss", "rlhf_jax.losses.dpo")
+ENSEMBLE_RULES = Registry("ensemble rule", "rlhf_jax.ensemble")
 
-ALL = (ADVANTAGES, POLICY_LOSSES, KL_PLACEMENTS, KL_ESTIMATORS, AGGREGATIONS, PREFERENCE_LOSSES)
+ALL = (ADVANTAGES, POLICY_LOSSES, KL_PLACEMENTS, KL_ESTIMATORS, AGGREGATIONS, PREFERENCE_LOSSES, ENSEMBLE_RULES)
 
 
 def describe() -> str:
