@@ -51,6 +51,12 @@ class BestOfNConfig:
     n: tuple[int, ...] = (4, 16)
     """Sample counts to evaluate."""
     num_eval_prompts: int = 256
+    curve_n: int = 0
+    """N > 0: also draw N samples on each of --curve-prompts prompts and write the best-of-n curve for n = 1, 2,
+    4, ..., N (proxy = reward model, gold on the embedded default, against the analytic KL; Gao et al.'s unbiased
+    estimator, rlhf_jax.overoptimisation) to eval.json's "curve". 0 = no curve."""
+    curve_prompts: int = 64
+    """Held-out prompts of the best-of-n curve (the first of the evaluation prompts)."""
 
 
 def main(cfg: BestOfNConfig) -> dict:
@@ -102,8 +108,32 @@ def _main(cfg: BestOfNConfig):
             samples_md.write(f"## step {n} (best-of-{n}, held-out prompts)\n\n{table}\n\n")
             logger.text(n, "eval_samples", table)
             print(f"[best_of_n] n={n}: {evaluation.summary(res)}", flush=True)
+    if cfg.curve_n:
+        results["curve"] = best_of_n_curve(cfg, model_cfg, params, tokenizer, prompts[:cfg.curve_prompts], reward,
+                                           gold=simulated_gold, mesh=mesh, rules=rules)
     trainer.write_json(out / "eval.json", results)
     return results, out, "best_of_n"
+
+
+def best_of_n_curve(cfg: BestOfNConfig, model_cfg, params, tokenizer, prompts, reward, *, gold: bool, mesh=None,
+                    rules=None) -> list[dict]:
+    """N = ``cfg.curve_n`` samples per prompt, scored by the reward model (and gold), as the best-of-n curve for
+    n = 1, 2, 4, ..., N (rlhf_jax.overoptimisation.best_of_n_curve). Generation batches hold <= 2048 rows."""
+    from rlhf_jax import overoptimisation
+
+    N = cfg.curve_n
+    sample_args = dataclasses.replace(cfg.sample, batch_size=max(1, min(len(prompts), 2048 // N)))
+    samples, _ = evaluation.sample_model(model_cfg, params, tokenizer, prompts, key=jax.random.key(cfg.run.seed + 7919),
+                                         sample_args=sample_args, reward=reward, num_samples=N, mesh=mesh, rules=rules)
+    proxy_PN = samples.rm_scores.reshape(len(prompts), N)
+    gold_PN = (evaluation.gold_eval([p for p in prompts for _ in range(N)], samples.texts).reshape(len(prompts), N)
+               if gold else None)
+    ns = [2 ** k for k in range(int(np.log2(N)) + 1)] + ([N] if N & (N - 1) else [])
+    curve = overoptimisation.best_of_n_curve(proxy_PN, gold_PN, ns)
+    for row in curve:
+        print(f"[best_of_n] curve n={row['n']}: KL {row['kl']:.2f}, proxy {row['proxy']:+.3f}"
+              + (f", gold {row['gold']:+.3f}" if "gold" in row else ""), flush=True)
+    return curve
 
 
 def resolve_config(cfg: BestOfNConfig, model_cfg, tokenizer, train_rows) -> BestOfNConfig:

@@ -40,6 +40,9 @@ class DPOConfig(cli.OfflinePolicyArgs):
     """Assumed label-flip rate (cdpo / robust)."""
     nll_coef: float = 0.0
     """α of RPO: adds α × the chosen responses' per-token NLL to the loss (0 = plain DPO)."""
+    policy_eval_every: int = 0
+    """Steps between held-out policy evaluations during training (samples of the policy and the reference: KL,
+    reward-model and gold scores; the points of the over-optimisation curve). 0 = only the evaluation at the end."""
     reference: str | None = None
     """Frozen reference (default: the starting policy). Iterated DPO rounds start from the last policy and keep
     the SFT model here. Not with --lora.rank (there the base, adapter off, is the reference)."""
@@ -91,13 +94,25 @@ def _main(cfg: DPOConfig):
                                       batch_size=cfg.batch_size, mesh=mesh, rules=rules)
 
     stage = "dpo" if cfg.variant == "dpo" else f"dpo_{cfg.variant}"
+    prompts = sources.held_out_policy_prompts(cfg.data, eval_rows, cfg.num_eval_prompts, simulated.prompt_rows)
+    gold = cfg.gold if cfg.gold is not None else cfg.data.path is None
+    policy_eval = None
+    if cfg.policy_eval_every and prompts:
+        reward = evaluation.find_reward_model(stage, cfg.run.out, cfg.reward_model, cfg.model, tokenizer)
+        sft_reference = model_io.load_lm(dataclasses.replace(cfg.model, path=sft_path))[1] if reference_free else None
+
+        def evaluate_policy(state):
+            reference = sft_reference if reference_free else trainable.reference(state)
+            return evaluation.scalars(evaluation.evaluate_policy(
+                model_cfg, trainable.lm(state), reference, tokenizer, prompts, seed=cfg.run.seed + 1000,
+                sample_args=cfg.sample, reward=reward, gold=gold, mesh=mesh, rules=rules))
+        policy_eval = (cfg.policy_eval_every, evaluate_policy)
     state, last_eval = trainer.train_loop(stage=stage, run=cfg.run, state=state, step_fn=train_step, batches=batches,
                                            num_steps=cfg.steps, mesh=mesh, rules=rules, config=cfg, eval_fn=evaluate,
                                            eval_every=cfg.eval_every, print_keys=("optim/loss", "dpo/accuracy", "dpo/margin"),
-                                           optim=optim_cfg)
+                                           optim=optim_cfg, policy_eval=policy_eval)
     out = cli.stage_dir(cfg.run, stage)
     result = {**trainable.export(out, model_cfg, state, tokenizer, base_model=sft_path), **last_eval}
-    prompts = sources.held_out_policy_prompts(cfg.data, eval_rows, cfg.num_eval_prompts, simulated.prompt_rows)
     if prompts:
         reference = (model_io.load_lm(dataclasses.replace(cfg.model, path=sft_path))[1] if reference_free
                      else trainable.reference(state))  # the state's own reference: no second copy
@@ -105,8 +120,7 @@ def _main(cfg: DPOConfig):
             stage=stage, name=stage.upper(), out=out, step=cfg.steps, model_cfg=model_cfg, policy=trainable.lm(state),
             reference=reference, tokenizer=tokenizer, prompts=prompts, run_out=cfg.run.out, model_args=cfg.model,
             reward_model=cfg.reward_model, sample_args=cfg.sample,
-            gold=cfg.gold if cfg.gold is not None else cfg.data.path is None,
-            seed=cfg.run.seed + 1000, mesh=mesh, rules=rules))
+            gold=gold, seed=cfg.run.seed + 1000, mesh=mesh, rules=rules))
     elif cfg.num_eval_prompts:
         print(f"[{stage}] no held-out prompts (pass --data.eval-path or a --data.eval-fraction > 0): no evaluation",
               flush=True)

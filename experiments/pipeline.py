@@ -51,16 +51,18 @@ class PipelineConfig:
     """Skip stages that finished (their eval.json exists) and resume the interrupted one from its checkpoint."""
     sft: sft.SFTConfig = sft.SFTConfig()
     rm: reward_model.RewardConfig = reward_model.RewardConfig()
-    ppo: RLConfig = RLConfig(algo="ppo")
-    dpo: dpo.DPOConfig = dpo.DPOConfig()
-    grpo: RLConfig = RLConfig(algo="grpo")
+    ppo: RLConfig = RLConfig(algo="ppo", eval_every=5)
+    """PPO; held-out evaluations every 5 iterations are the points of its over-optimisation curve."""
+    dpo: dpo.DPOConfig = dpo.DPOConfig(policy_eval_every=50)
+    grpo: RLConfig = RLConfig(algo="grpo", eval_every=5)
     """GRPO at PPO's budget: the same responses per iteration (auto: 64 / 4 prompts x 4 samples) and iterations."""
-    rloo: RLConfig = RLConfig(algo="rloo")
-    online_dpo: OnlineDPOConfig = OnlineDPOConfig()
+    rloo: RLConfig = RLConfig(algo="rloo", eval_every=5)
+    online_dpo: OnlineDPOConfig = OnlineDPOConfig(eval_every=5)
     """Online DPO at PPO's budget (64 / 2 prompts x 2 samples per iteration), judged by the reward model."""
     skip_online: bool = False
     """Skip the GRPO, RLOO and online-DPO rows."""
-    bon: best_of_n.BestOfNConfig = best_of_n.BestOfNConfig()
+    bon: best_of_n.BestOfNConfig = best_of_n.BestOfNConfig(curve_n=256)
+    """Best-of-n; with the curve of n = 1..256 on 64 held-out prompts (the over-optimisation plot's BoN line)."""
     skip_dpo: bool = False
     skip_best_of_n: bool = False
     rounds: int = 1
@@ -118,17 +120,17 @@ def smollm2_preset() -> PipelineConfig:
                                optim=dataclasses.replace(base.rm.optim, learning_rate=3e-5, warmup_steps=4),
                                sample=sample, run=run(base.rm.run)),
         ppo=dataclasses.replace(base.ppo, iterations=16, rollout_prompts=16, epochs=2, num_minibatches=2,
-                                eval_every=16, num_eval_prompts=48, samples_every=4,
+                                eval_every=8, num_eval_prompts=48, samples_every=4,
                                 data=DataArgs(num_train=512, num_eval=48, seed=2),
                                 optim=dataclasses.replace(base.ppo.optim, learning_rate=1e-5),
                                 algo_args=dataclasses.replace(base.ppo.algo_args, kl_coef=0.05), sample=sample,
                                 run=run(base.ppo.run, save_every=16, log_every=1)),
-        dpo=dataclasses.replace(base.dpo, steps=16, batch_size=8, eval_every=16, num_eval_prompts=48,
+        dpo=dataclasses.replace(base.dpo, steps=16, batch_size=8, eval_every=16, num_eval_prompts=48, policy_eval_every=0,
                                 data=DataArgs(num_train=240, num_eval=48, seed=1),
                                 optim=dataclasses.replace(base.dpo.optim, learning_rate=1.5e-5, warmup_steps=3),
                                 sample=sample, run=run(base.dpo.run)),
         bon=dataclasses.replace(base.bon, n=(4,), num_eval_prompts=48, data=DataArgs(num_eval=48, seed=2),
-                                sample=sample),
+                                sample=sample, curve_n=0),  # 256 samples x 64 prompts of a 135M model: hours here
         skip_online=True,  # GRPO, RLOO and online DPO would triple the preset's PPO time (--skip-online False adds them)
     )
 
@@ -473,6 +475,22 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, peaks: dict | 
         plt.close(fig)
         lines += ["", "![gold score against KL](gold_vs_kl.png)"]
 
+    over = overoptimisation_curves(out, results)
+    if over:
+        plot_overoptimisation(out / "overoptimisation.png", over)
+        lines += ["", "## Over-optimisation (Gao et al. 2022)", "",
+                  "Gold and proxy (reward-model) score on held-out prompts relative to the SFT policy, against "
+                  "d = √KL(π ‖ π_SFT); fits R_rl(d) = d(α − β log d) (RL) and R_bon(d) = d(α − β d) (best-of-n, analytic "
+                  "KL log n − (n−1)/n).", "",
+                  "| method | gold peak (d) | gold at the end | proxy at the end | fit gold α, β | fit proxy α, β |",
+                  "|---|---|---|---|---|---|"]
+        for name, c in over.items():
+            pk, fg, fp = c.get("peak_gold"), c.get("fit_gold", {}), c.get("fit_proxy", {})
+            lines.append(f"| {name} | {_cell(pk and pk['gold'], '+.3f')} ({_cell(pk and pk['d'], '.2f')}) | "
+                         f"{_cell(c.get('final_gold'), '+.3f')} | {_cell(c.get('final_proxy'), '+.3f')} | "
+                         f"{_fit_cell(fg)} | {_fit_cell(fp)} |")
+        lines += ["", "![over-optimisation curves](overoptimisation.png)"]
+
     curves = [("sft", "sft/loss", "SFT loss"), ("rm", "rm/accuracy", "RM train accuracy"),
               ("ppo", "rollout/score", "PPO: RM score"), ("ppo", "rollout/gold", "PPO: gold score"),
               ("ppo", "rollout/kl", "PPO: KL to SFT"), ("dpo", "dpo/accuracy", "DPO: implicit-reward accuracy")]
@@ -499,8 +517,71 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, peaks: dict | 
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     rm_rounds = {key: res["rm"] for key, res in results.items() if key.startswith("round") and "rm" in res}
-    trainer.write_json(out / "results.json", {"table": rows, "rm": rm, "rm_rounds": rm_rounds, "timings": timings})
+    trainer.write_json(out / "results.json", {"table": rows, "rm": rm, "rm_rounds": rm_rounds, "timings": timings,
+                                              "overoptimisation": over})
     return report
+
+
+# --- Over-optimisation ----------------------------------------------------------------------------
+
+CURVE_STAGES = {"PPO": "ppo", "PPO (worst-case RM ensemble)": "ppo_ensemble", "GRPO": "grpo", "RLOO": "rloo",
+                "online DPO": "online_dpo", "DPO": "dpo"}
+"""Report name -> stage folder of the methods whose held-out evaluations during training make a curve."""
+
+
+def overoptimisation_curves(out: pathlib.Path, results: dict) -> dict[str, dict]:
+    """Per method, the curve of held-out (d, gold, proxy) points with its Gao et al. fits and peaks
+    (rlhf_jax.overoptimisation.summarise): RL methods from their logged evaluations, best-of-n from its curve."""
+    from rlhf_jax import overoptimisation
+
+    curves = {}
+    for name, folder in CURVE_STAGES.items():
+        points = overoptimisation.curve_from_metrics(read_metrics(out / folder)) if (out / folder).exists() else []
+        if len(points) > 2:
+            curves[name] = overoptimisation.summarise(points, "rl")
+    for key, name in (("best_of_n", "best-of-n"), ("best_of_n_ensemble", "best-of-n (worst-case RM ensemble)")):
+        bon = results.get(key, {}).get("curve")
+        if bon:
+            curves[name] = overoptimisation.summarise([{"step": r["n"], **r} for r in bon], "bon")
+    return curves
+
+
+def _fit_cell(fit: dict) -> str:
+    return "-" if not fit or fit.get("alpha") is None else f"{fit['alpha']:.3f}, {fit['beta']:.3f}"
+
+
+def plot_overoptimisation(path: pathlib.Path, curves: dict[str, dict]) -> None:
+    """Gold (left) and proxy (right) against d = √KL, points and fitted Gao et al. curves, one colour per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from rlhf_jax import overoptimisation
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (name, c) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        for ax, key in zip(axes, ("gold", "proxy")):
+            pts = [p for p in c["points"] if key in p]
+            if not pts:
+                continue
+            ax.plot([p["d"] for p in pts], [p[key] for p in pts], "o-" if c["form"] == "rl" else "s:", color=color,
+                    ms=3, lw=1, label=name)
+            fit = c.get(f"fit_{key}", {})
+            if fit.get("alpha") is not None:
+                d = np.linspace(1e-3, max(p["d"] for p in pts), 100)
+                ax.plot(d, overoptimisation.gao_curve(c["form"], d, fit["alpha"], fit["beta"]), "--", color=color,
+                        lw=0.8, alpha=0.7)
+    for ax, title in zip(axes, ("gold score − SFT's", "proxy (reward model) score − SFT's")):
+        ax.set_xlabel("d = √KL(π ‖ π_SFT)")
+        ax.set_title(title, fontsize=10)
+        ax.axhline(0, color="grey", lw=0.5)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # %%

@@ -336,6 +336,20 @@ def rm_member_scores(cfg: models.ModelConfig, rm_params: Any, rollouts: Sequence
                            for r in rollouts], axis=1)
 
 
+def find_reward_model(stage: str, run_out: str, reward_model: str | None, model_args: Any, tokenizer: Any
+                      ) -> RewardModel | None:
+    """``reward_model``, else ``<run_out>/rm/hf`` when it exists, else None: the judge of an offline stage's samples."""
+    import pathlib
+
+    from rlhf_jax.model_io import REWARD_HEAD_FILE
+
+    rm_path = pathlib.Path(reward_model or pathlib.Path(run_out) / "rm" / "hf")
+    if reward_model is None and not (rm_path / REWARD_HEAD_FILE).exists():
+        return None
+    print(f"[{stage}] held-out samples judged by the reward model {rm_path}", flush=True)
+    return load_reward_model(rm_path, model_args, tokenizer)
+
+
 def evaluate_trained_policy(*, stage: str, name: str, out: Any, step: int, model_cfg: models.ModelConfig, policy: Any,
                             reference: Any, tokenizer: Any, prompts: Sequence[Any], run_out: str, model_args: Any,
                             reward_model: str | None, sample_args: Any, gold: bool, seed: int, mesh=None,
@@ -343,16 +357,9 @@ def evaluate_trained_policy(*, stage: str, name: str, out: Any, step: int, model
     """The end-of-training evaluation of an offline policy stage (DPO family, KTO): :func:`evaluate_policy`
     on ``prompts``, judged by ``reward_model`` (or ``<run_out>/rm/hf`` when it exists) and, with ``gold``, the
     gold scorer; logged at ``step`` in ``out``'s metrics, written to ``out/samples.md`` and printed."""
-    import pathlib
-
     from rlhf_jax.logging import MetricsLogger
-    from rlhf_jax.model_io import REWARD_HEAD_FILE
 
-    rm_path = pathlib.Path(reward_model or pathlib.Path(run_out) / "rm" / "hf")
-    reward = None
-    if reward_model is not None or (rm_path / REWARD_HEAD_FILE).exists():
-        reward = load_reward_model(rm_path, model_args, tokenizer)
-        print(f"[{stage}] held-out samples judged by the reward model {rm_path}", flush=True)
+    reward = find_reward_model(stage, run_out, reward_model, model_args, tokenizer)
     ev = evaluate_policy(model_cfg, policy, reference, tokenizer, prompts, seed=seed, sample_args=sample_args,
                          reward=reward, gold=gold, mesh=mesh, rules=rules)
     table = comparison_table(ev, policy=name, reference="SFT")

@@ -41,7 +41,9 @@ def abstract_of(state: TrainState) -> TrainState:
 def train_loop(*, stage: str, run: RunArgs, state: TrainState, step_fn: Callable, batches: BatchIterator,
                num_steps: int, mesh, rules, config: Any, eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
                eval_every: int = 0, print_keys: tuple[str, ...] | None = None,
-               optim: OptimizerConfig | None = None) -> tuple[TrainState, dict[str, float]]:
+               optim: OptimizerConfig | None = None,
+               policy_eval: tuple[int, Callable[[TrainState], dict[str, float]]] | None = None
+               ) -> tuple[TrainState, dict[str, float]]:
     """Run ``step_fn(state, batch)`` for ``num_steps`` steps with logging, checkpoints and resume.
 
     Metrics are accumulated as (total, count) between log lines, so logged means are exact. The
@@ -50,6 +52,8 @@ def train_loop(*, stage: str, run: RunArgs, state: TrainState, step_fn: Callable
     ``metrics.jsonl`` continues from that step (entries logged after it by the interrupted run are
     dropped). ``optim`` (the fitted optimizer config) adds ``optim/lr``, the schedule's value at the
     last update. ``perf/tokens_per_s`` counts step time only (not evaluation or checkpointing).
+    ``policy_eval = (every, fn)`` logs ``fn(state)`` every ``every`` steps before the last (e.g. sampled
+    held-out evaluations, the points of an over-optimisation curve; the stage evaluates its final policy itself).
     Returns the final state and the last evaluation.
     """
     out = stage_dir(run, stage)
@@ -84,6 +88,8 @@ def train_loop(*, stage: str, run: RunArgs, state: TrainState, step_fn: Callable
             if eval_fn is not None and eval_every and (step % eval_every == 0 or step == num_steps):
                 last_eval = eval_fn(state)
                 logger.log(step, last_eval)
+            if policy_eval is not None and policy_eval[0] and step % policy_eval[0] == 0 and step < num_steps:
+                logger.log(step, policy_eval[1](state))
             if step % run.save_every == 0 or step == num_steps:
                 checkpoint.save(manager, step, state, rng=rng, data_state=batches.get_state(),
                                 config=jsonable(config), force=True)
