@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import advantages, checkpoint, defaults, evaluation, kl, lora, memory, model_io, models, rewards, rollout
-from rlhf_jax import sampling, sharding, trainer
+from rlhf_jax import advantages, checkpoint, defaults, ensemble, evaluation, kl, lora, memory, model_io, models, registry
+from rlhf_jax import rewards, rollout, sampling, sharding, trainer
 from rlhf_jax.cli import DataArgs, ModelArgs, RunArgs, SampleArgs, setup as setup_run, stage_dir
 from rlhf_jax.configs import OptimizerConfig
 from rlhf_jax.data import BatchIterator, collate_prompts, encode_prompts, simulated, sources
@@ -60,6 +60,15 @@ class OnlineArgs:
     added to the reward model's score; e.g. ``rlhf_jax.rewards:gold`` (the simulated gold scorer: an oracle run)."""
     reward_model_weight: float | None = None
     """Weight of the reward model's score. None: 1 without --reward, 0 (not loaded) with it."""
+    reward_ensemble: tuple[str, ...] = ()
+    """Reward model folders of an ensemble instead of --reward-model (Coste et al. 2023: reward_model.py runs with
+    different --run.seed, each normalised on SFT samples); their scores combine by --ensemble-rule (rlhf_jax.ensemble),
+    and rollout/rm_ensemble_mean, rollout/rm_ensemble_std and rollout/rm_member<k> are logged."""
+    ensemble_rule: str = "mean"
+    """How --reward-ensemble's scores combine (rlhf_jax.registry.ENSEMBLE_RULES): mean, worst (min over members) or
+    uwo (mean − λ · variance over members)."""
+    ensemble_uwo_lambda: float = 0.1
+    """λ of --ensemble-rule uwo (0.1: the value in Coste et al.'s PPO config)."""
     reference: str | None = None
     """Frozen reference of the KL (default: the starting policy). Later rounds of an iterated pipeline start
     from the last policy and keep the SFT model here."""
@@ -255,17 +264,33 @@ def setup(cfg: Any, stage: str, *, num_samples: int, lm_path: tuple[str, ...] = 
     axes = models.param_logical_axes(model_cfg)
     tree_axes: dict = {"policy": axes, "reference": axes}
     reward_cfg = None
+    if cfg.reward_ensemble:
+        registry.ENSEMBLE_RULES.check(cfg.ensemble_rule, "--ensemble-rule")
+        if cfg.reward_model is not None:
+            raise ValueError("--reward-model and --reward-ensemble both given: pass one (a single model is a one-member "
+                             "--reward-ensemble)")
+        if rm_weight == 0.0:
+            raise ValueError("--reward-ensemble given but the reward model's weight is 0 (--reward functions without "
+                             "--reward-model-weight): pass --reward-model-weight > 0 or drop --reward-ensemble")
     if rm_weight != 0.0:
-        reward_cfg, trees["reward"], _ = model_io.load_reward_model(cfg.reward_model or run_dir / "rm" / "hf", cfg.model)
+        if cfg.reward_ensemble:
+            reward_cfg, trees["reward"], _ = ensemble.load(cfg.reward_ensemble, cfg.model, rule=cfg.ensemble_rule,
+                                                           uwo_lambda=cfg.ensemble_uwo_lambda)
+        else:
+            reward_cfg, trees["reward"], _ = model_io.load_reward_model(cfg.reward_model or run_dir / "rm" / "hf",
+                                                                        cfg.model)
         tree_axes["reward"] = {"backbone": models.param_logical_axes(reward_cfg),
                                "head": models.scalar_head_logical_axes()}
+        if isinstance(trees["reward"], ensemble.RewardEnsemble):
+            tree_axes["reward"] = ensemble.logical_axes(tree_axes["reward"], trees["reward"])
     if cfg.reference is not None:
         ref_cfg, trees["reference"], _ = model_io.load_lm(dataclasses.replace(cfg.model, path=cfg.reference))
         if ref_cfg != model_cfg:
             raise ValueError(f"--reference {cfg.reference} is not the policy's architecture:\n{ref_cfg}\nvs\n{model_cfg}")
+    rm_name = trees["reward"].describe() if isinstance(trees.get("reward"), ensemble.RewardEnsemble) else "reward model"
     print(f"[{stage}] reward: " + " + ".join(
-        ([f"{rm_weight:g} x reward model"] if rm_weight else []) + [f"{r.weight:g} x {r.spec.split('=')[0]}" for r in
-                                                                   reward_fns]), flush=True)
+        ([f"{rm_weight:g} x {rm_name}"] if rm_weight else []) + [f"{r.weight:g} x {r.spec.split('=')[0]}" for r in
+                                                                reward_fns]), flush=True)
     if not reward_fns and rm_weight == 0.0:
         raise ValueError("--reward-model-weight 0 and no --reward function: nothing scores the responses")
     eval_prompts = sources.prompt_texts(eval_rows)

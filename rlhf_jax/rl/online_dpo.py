@@ -22,13 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import kl, memory, ops, registry, trainer
+from rlhf_jax import ensemble, kl, memory, ops, registry, trainer
 from rlhf_jax.metrics import Metric
-from rlhf_jax.objectives import dpo_objective, reward_scores, token_logps
+from rlhf_jax.objectives import dpo_objective, token_logps
 from rlhf_jax.rl import loop
 from rlhf_jax.rl.steps import combined_scores, make_update_step
 from rlhf_jax.rollout import Rollout
-from rlhf_jax.sharding import batch_sharding, shard_batch
+from rlhf_jax.sharding import batch_sharding, replicated, shard_batch
 from rlhf_jax.train_state import make_optimizer, shardings_of
 from rlhf_jax.types import PairBatch
 
@@ -89,7 +89,7 @@ class OnlineDPO:
     def experience(self, state, draw, key, kl_coef):
         sample = draw(key)
         function_scores_B, = shard_batch((sample.function_scores_B,), self.mesh, self.rules)
-        scores_B, kl_B = self.judge_step(state, sample.rollout, function_scores_B)
+        scores_B, kl_B, rm_metrics = self.judge_step(state, sample.rollout, function_scores_B)
         if self.cfg.judge == "annotator":
             from rlhf_jax.data.simulated import Annotator
 
@@ -102,7 +102,7 @@ class OnlineDPO:
         metrics = {"rollout/score": Metric.mean_of(jnp.asarray(scores_B)), "rollout/kl": Metric.mean_of(kl_B),
                    "rollout/response_length": Metric.mean_of(jnp.sum(sample.rollout.scored_mask_BT, axis=-1)),
                    "rollout/has_eos": Metric.mean_of(sample.rollout.has_eos_B),
-                   "rollout/decided_pairs": Metric.mean_of(decided_P)}
+                   "rollout/decided_pairs": Metric.mean_of(decided_P), **rm_metrics}
         return batch, metrics, sample
 
     def update(self, state, batch, key):
@@ -136,16 +136,17 @@ def _main(cfg: OnlineDPOConfig, stage: str = "online_dpo"):
     def judge(state, rollout: Rollout, function_scores_B):
         params, frozen = (state.params, state.frozen) if view is None else view(state.params, state.frozen)
         ids, attention = rollout.sequences_BT, rollout.attention_mask_BT
-        rm_B = reward_scores(reward_cfg, frozen["reward"], ids, attention) if "reward" in frozen else None
+        rm_B, rm_KB = ensemble.score(reward_cfg, frozen["reward"], ids, attention) if "reward" in frozen else (None, None)
         scores_B = combined_scores(rm_B, function_scores_B, rm_weight=rm_weight)
         if penalty is not None:
             scores_B = jnp.where(rollout.has_eos_B, scores_B, jnp.float32(penalty))
         kl_BT = kl.kl_k1(token_logps(model_cfg, params, ids, attention),
                          token_logps(model_cfg, frozen["reference"], ids, attention))
-        return scores_B, ops.masked_sum(kl_BT, rollout.scored_mask_BT, axis=-1)
+        rm_metrics = {} if rm_KB is None else ensemble.spread_metrics(rm_KB)  # an ensemble's members and spread
+        return scores_B, ops.masked_sum(kl_BT, rollout.scored_mask_BT, axis=-1), rm_metrics
 
     rows = batch_sharding(ctx.mesh, ctx.rules)
-    judge_step = jax.jit(judge, in_shardings=(state_sh, rows, rows), out_shardings=(rows, rows))
+    judge_step = jax.jit(judge, in_shardings=(state_sh, rows, rows), out_shardings=(rows, rows, replicated(ctx.mesh)))
     loss_fn = registry.PREFERENCE_LOSSES[cfg.loss]
     loss_fn = functools.partial(loss_fn, beta=cfg.beta)
 

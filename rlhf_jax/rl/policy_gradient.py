@@ -11,7 +11,7 @@ from typing import Literal
 
 import jax
 
-from rlhf_jax import defaults, memory, models, trainer
+from rlhf_jax import defaults, ensemble, memory, models, trainer
 from rlhf_jax.rl import algorithms, loop
 from rlhf_jax.rl.steps import make_score_step, make_update_step
 from rlhf_jax.train_state import make_optimizer, shardings_of
@@ -57,7 +57,9 @@ def _main(cfg: RLConfig):
         else:
             if "reward" not in trees:
                 raise ValueError("--critic separate starts from the reward model: it needs one (--reward-model-weight > 0)")
-            params["critic"], param_axes["critic"], critic_cfg = trees["reward"], axes["reward"], ctx.reward_cfg
+            # an ensemble's critic starts from its first member (the members share the architecture)
+            params["critic"], param_axes["critic"] = ensemble.member(trees["reward"], 0, axes["reward"])
+            critic_cfg = ctx.reward_cfg
     frozen = {k: trees[k] for k in ("reference", "reward") if k in trees}
     frozen_axes = {k: axes[k] for k in frozen}
     optimizer = make_optimizer(cfg.optim)

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from rlhf_jax import advantages, kl, losses, models, ops, registry
+from rlhf_jax import advantages, ensemble, kl, losses, models, ops, registry
 from rlhf_jax.metrics import Metric, Metrics, sum_over_leading_axis
-from rlhf_jax.objectives import reward_scores, token_logps
+from rlhf_jax.objectives import token_logps
 from rlhf_jax.rl.algorithms import Algorithm
 from rlhf_jax.rl.objective import RLBatch, policy_and_values, rl_objective
 from rlhf_jax.rollout import Rollout
@@ -36,7 +36,8 @@ def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax
                   missing_eos_penalty: float | None = None) -> tuple[RLBatch, Metrics]:
     """Old log-probs, reference log-probs, values (with a critic), scores and advantages of a rollout; no gradients.
 
-    Scores are :func:`combined_scores` (``frozen["reward"]`` when the run has a reward model); responses
+    Scores are :func:`combined_scores` (``frozen["reward"]`` when the run has a reward model, or a
+    :class:`rlhf_jax.ensemble.RewardEnsemble` whose rule combines its members' scores); responses
     without EOS get ``missing_eos_penalty`` instead when it is set (lm-human-preferences: −1). The
     advantages come from ``registry.ADVANTAGES[algo.advantage]`` with β = ``kl_coef`` when the KL sits
     in the reward, 0 otherwise. With ``algo.overlong_filter`` the truncated responses leave the loss mask.
@@ -47,7 +48,7 @@ def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax
     if algo.needs_critic and values_BT is None:
         raise ValueError(f"advantage {algo.advantage!r} needs a critic: params need a 'value_head' or a 'critic'")
     ref_logps_BT = token_logps(model_cfg, frozen["reference"], ids_BT, attention_BT)
-    rm_B = reward_scores(reward_cfg, frozen["reward"], ids_BT, attention_BT) if "reward" in frozen else None
+    rm_B, rm_KB = ensemble.score(reward_cfg, frozen["reward"], ids_BT, attention_BT) if "reward" in frozen else (None, None)
     scores_B = combined_scores(rm_B, function_scores_B, rm_weight=rm_weight)
     if missing_eos_penalty is not None:
         scores_B = jnp.where(rollout.has_eos_B, scores_B, jnp.float32(missing_eos_penalty))
@@ -78,6 +79,8 @@ def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax
     }
     if rm_B is not None:
         metrics["rollout/rm_score"] = Metric.mean_of(rm_B)
+    if rm_KB is not None:  # an ensemble: what its members said, before the rule combined them into rm_B
+        metrics.update(ensemble.spread_metrics(rm_KB))
     if algo.needs_critic:  # how well the values fit this rollout's returns, once, before any update on it
         metrics["vf/explained_variance_rollout"] = Metric.scalar(
             losses.explained_variance(values_BT, returns_BT, mask_BT))
