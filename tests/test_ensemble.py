@@ -200,7 +200,8 @@ def test_load_members_from_disk_and_refuse_a_mismatch(tmp_path):
     cfg = models.ModelConfig.from_hf_config(small)
     paths = []
     for k in range(2):
-        rm = {"backbone": models.init_params(cfg, jax.random.key(k)), "head": models.init_scalar_head(cfg, jax.random.key(9 + k), 0.5)}
+        rm = {"backbone": models.init_params(cfg, jax.random.key(k)),
+              "head": models.init_scalar_head(cfg, jax.random.key(9 + k), 0.5)}
         paths.append(str(model_io.save_reward_model(tmp_path / f"rm{k}", cfg, rm, tokenizer)))
     reward = evaluation.load_reward_model(paths, ModelArgs(), tokenizer, rule="uwo", uwo_lambda=0.25)
     assert isinstance(reward.params, ensemble.RewardEnsemble) and reward.params.size == 2
@@ -212,7 +213,8 @@ def test_load_members_from_disk_and_refuse_a_mismatch(tmp_path):
     single = evaluation.load_reward_model(paths[0], ModelArgs(), tokenizer)  # one path: the plain reward model
     assert isinstance(single.params, dict)
     wider = models.ModelConfig.from_hf_config({**small, "intermediate_size": 96})
-    rm = {"backbone": models.init_params(wider, jax.random.key(5)), "head": models.init_scalar_head(wider, jax.random.key(6))}
+    rm = {"backbone": models.init_params(wider, jax.random.key(5)),
+          "head": models.init_scalar_head(wider, jax.random.key(6))}
     odd = str(model_io.save_reward_model(tmp_path / "odd", wider, rm, tokenizer))
     with pytest.raises(ValueError, match="odd is another architecture"):
         ensemble.load([paths[0], odd], ModelArgs())

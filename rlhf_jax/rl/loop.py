@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import advantages, checkpoint, defaults, ensemble, evaluation, kl, lora, memory, model_io, models, registry
-from rlhf_jax import rewards, rollout, sampling, sharding, trainer
+from rlhf_jax import advantages, checkpoint, defaults, ensemble, evaluation, kl, lora, memory, model_io, models
+from rlhf_jax import registry, rewards, rollout, sampling, sharding, trainer
 from rlhf_jax.cli import DataArgs, ModelArgs, RunArgs, SampleArgs, setup as setup_run, stage_dir
 from rlhf_jax.configs import OptimizerConfig
 from rlhf_jax.data import BatchIterator, collate_prompts, encode_prompts, simulated, sources
@@ -267,8 +267,8 @@ def setup(cfg: Any, stage: str, *, num_samples: int, lm_path: tuple[str, ...] = 
     if cfg.reward_ensemble:
         registry.ENSEMBLE_RULES.check(cfg.ensemble_rule, "--ensemble-rule")
         if cfg.reward_model is not None:
-            raise ValueError("--reward-model and --reward-ensemble both given: pass one (a single model is a one-member "
-                             "--reward-ensemble)")
+            raise ValueError("--reward-model and --reward-ensemble both given: pass one (a single model is a "
+                             "one-member --reward-ensemble)")
         if rm_weight == 0.0:
             raise ValueError("--reward-ensemble given but the reward model's weight is 0 (--reward functions without "
                              "--reward-model-weight): pass --reward-model-weight > 0 or drop --reward-ensemble")

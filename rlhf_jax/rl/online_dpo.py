@@ -136,7 +136,9 @@ def _main(cfg: OnlineDPOConfig, stage: str = "online_dpo"):
     def judge(state, rollout: Rollout, function_scores_B):
         params, frozen = (state.params, state.frozen) if view is None else view(state.params, state.frozen)
         ids, attention = rollout.sequences_BT, rollout.attention_mask_BT
-        rm_B, rm_KB = ensemble.score(reward_cfg, frozen["reward"], ids, attention) if "reward" in frozen else (None, None)
+        rm_B, rm_KB = None, None
+        if "reward" in frozen:
+            rm_B, rm_KB = ensemble.score(reward_cfg, frozen["reward"], ids, attention)
         scores_B = combined_scores(rm_B, function_scores_B, rm_weight=rm_weight)
         if penalty is not None:
             scores_B = jnp.where(rollout.has_eos_B, scores_B, jnp.float32(penalty))

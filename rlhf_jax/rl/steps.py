@@ -48,7 +48,9 @@ def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax
     if algo.needs_critic and values_BT is None:
         raise ValueError(f"advantage {algo.advantage!r} needs a critic: params need a 'value_head' or a 'critic'")
     ref_logps_BT = token_logps(model_cfg, frozen["reference"], ids_BT, attention_BT)
-    rm_B, rm_KB = ensemble.score(reward_cfg, frozen["reward"], ids_BT, attention_BT) if "reward" in frozen else (None, None)
+    rm_B, rm_KB = None, None  # rm_KB: an ensemble's members' scores, before its rule combined them into rm_B
+    if "reward" in frozen:
+        rm_B, rm_KB = ensemble.score(reward_cfg, frozen["reward"], ids_BT, attention_BT)
     scores_B = combined_scores(rm_B, function_scores_B, rm_weight=rm_weight)
     if missing_eos_penalty is not None:
         scores_B = jnp.where(rollout.has_eos_B, scores_B, jnp.float32(missing_eos_penalty))
@@ -79,7 +81,7 @@ def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax
     }
     if rm_B is not None:
         metrics["rollout/rm_score"] = Metric.mean_of(rm_B)
-    if rm_KB is not None:  # an ensemble: what its members said, before the rule combined them into rm_B
+    if rm_KB is not None:
         metrics.update(ensemble.spread_metrics(rm_KB))
     if algo.needs_critic:  # how well the values fit this rollout's returns, once, before any update on it
         metrics["vf/explained_variance_rollout"] = Metric.scalar(
