@@ -65,6 +65,13 @@ class PipelineConfig:
     """Best-of-n; with the curve of n = 1..256 on 64 held-out prompts (the over-optimisation plot's BoN line)."""
     skip_dpo: bool = False
     skip_best_of_n: bool = False
+    rm_ensemble: int = 0
+    """k >= 2: also train k - 1 more reward models on the same comparisons (run seeds 1..k-1: head init, batch order)
+    into <out>/ensemble/seed<s>/rm, and run PPO and best-of-n again judged by the ensemble of all k
+    (--ensemble-rule; Coste et al. 2023) into <out>/ensemble/: rows and curves "PPO (RM ensemble)" and
+    "best-of-n (RM ensemble)"."""
+    ensemble_rule: str = "worst"
+    """How the ensemble's scores combine: mean, worst or uwo (rlhf_jax.ensemble)."""
     rounds: int = 1
     """Rounds of RLHF (embedded default only). Round 1 is SFT → RM → PPO. Each later round samples two
     responses per prompt from the latest policy, lets the simulated annotator compare them, retrains
@@ -135,11 +142,27 @@ def smollm2_preset() -> PipelineConfig:
     )
 
 
-PRESETS = {"embedded": PipelineConfig, "smollm2": smollm2_preset}
+def overoptimise_preset() -> PipelineConfig:
+    """Reward over-optimisation made visible on the embedded default (Gao et al. 2022; Coste et al. 2023): a reward
+    model from 512 comparisons (a weaker proxy), PPO with no KL penalty at a higher learning rate for 100 iterations,
+    evaluated every 5, best-of-n up to 256, and the same PPO and best-of-n judged by a worst-case ensemble of three
+    reward models. The proxy keeps rising while the gold score peaks and falls. Online methods and DPO are skipped."""
+    base = PipelineConfig()
+    return dataclasses.replace(
+        base, out="runs/overoptimise",
+        rm=dataclasses.replace(base.rm, data=dataclasses.replace(base.rm.data, num_train=512)),
+        ppo=dataclasses.replace(base.ppo, iterations=100, eval_every=5,
+                                optim=dataclasses.replace(base.ppo.optim, learning_rate=1e-4),
+                                algo_args=dataclasses.replace(base.ppo.algo_args, kl_coef=0.0)),
+        skip_online=True, skip_dpo=True, rm_ensemble=3, ensemble_rule="worst")
+
+
+PRESETS = {"embedded": PipelineConfig, "smollm2": smollm2_preset, "overoptimise": overoptimise_preset}
 """``--preset NAME``: the defaults the command line starts from."""
 
 
-ONLINE_METHODS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "online_dpo": "online DPO"}
+ONLINE_METHODS = {"ppo": "PPO", "ppo_ensemble": "PPO (RM ensemble)", "grpo": "GRPO", "rloo": "RLOO",
+                  "online_dpo": "online DPO"}
 """The online stages and their names in the report."""
 
 PEAK_MEMORY: dict[str, float] = {}
@@ -182,6 +205,8 @@ def main(cfg: PipelineConfig) -> dict:
                                 dpo.main, cfg.dpo, cfg, timings)
     if not cfg.skip_best_of_n:
         results["best_of_n"] = _stage("best-of-n", "best_of_n", best_of_n.main, cfg.bon, cfg, timings)
+    if cfg.rm_ensemble >= 2:
+        results.update(ensemble_stages(cfg, timings))
     for r in range(2, cfg.rounds + 1):
         results[f"round{r}"] = later_round(cfg, r, timings)
     if cfg.compare_to_start and cfg.sft.model.path is not None and cfg.sft.data.path is None:
@@ -191,6 +216,32 @@ def main(cfg: PipelineConfig) -> dict:
     timings["total"] = time.perf_counter() - t0
     report = write_report(pathlib.Path(cfg.out), results, timings)
     print(report.read_text(), flush=True)
+    return results
+
+
+# --- Reward-model ensembles ---------------------------------------------------------------------------
+
+
+def ensemble_stages(cfg: PipelineConfig, timings: dict) -> dict:
+    """k - 1 more reward models (seeds 1..k-1), then PPO and best-of-n judged by the ensemble of all k."""
+    out = pathlib.Path(cfg.out)
+    sft_hf = str(out / "sft" / "hf")
+    members = [str(out / "rm" / "hf")]
+    for seed in range(1, cfg.rm_ensemble):
+        member_out = out / "ensemble" / f"seed{seed}"
+        rm_cfg = dataclasses.replace(cfg.rm, model=dataclasses.replace(cfg.rm.model, path=sft_hf),
+                                     run=dataclasses.replace(cfg.rm.run, seed=cfg.rm.run.seed + seed))
+        _stage(f"reward model (ensemble member {seed})", "rm", reward_model.main, rm_cfg, cfg, timings, out=str(member_out))
+        members.append(str(member_out / "rm" / "hf"))
+    ens = dict(reward_ensemble=tuple(members), ensemble_rule=cfg.ensemble_rule)
+    ppo_cfg = dataclasses.replace(cfg.ppo, model=dataclasses.replace(cfg.ppo.model, path=sft_hf), reward_model=None, **ens)
+    results = {"ppo_ensemble": _stage(f"PPO ({cfg.ensemble_rule} of {len(members)} reward models)", "ppo", ppo_main,
+                                      ppo_cfg, cfg, timings, out=str(out / "ensemble"))}
+    if not cfg.skip_best_of_n:
+        bon_cfg = dataclasses.replace(cfg.bon, model=dataclasses.replace(cfg.bon.model, path=sft_hf), reward_model=None,
+                                      n=(), **ens)
+        results["best_of_n_ensemble"] = _stage(f"best-of-n ({cfg.ensemble_rule} of {len(members)} reward models)",
+                                               "best_of_n", best_of_n.main, bon_cfg, cfg, timings, out=str(out / "ensemble"))
     return results
 
 
@@ -524,7 +575,7 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, peaks: dict | 
 
 # --- Over-optimisation ----------------------------------------------------------------------------
 
-CURVE_STAGES = {"PPO": "ppo", "PPO (worst-case RM ensemble)": "ppo_ensemble", "GRPO": "grpo", "RLOO": "rloo",
+CURVE_STAGES = {"PPO": "ppo", "PPO (RM ensemble)": "ensemble/ppo", "GRPO": "grpo", "RLOO": "rloo",
                 "online DPO": "online_dpo", "DPO": "dpo"}
 """Report name -> stage folder of the methods whose held-out evaluations during training make a curve."""
 
@@ -539,7 +590,7 @@ def overoptimisation_curves(out: pathlib.Path, results: dict) -> dict[str, dict]
         points = overoptimisation.curve_from_metrics(read_metrics(out / folder)) if (out / folder).exists() else []
         if len(points) > 2:
             curves[name] = overoptimisation.summarise(points, "rl")
-    for key, name in (("best_of_n", "best-of-n"), ("best_of_n_ensemble", "best-of-n (worst-case RM ensemble)")):
+    for key, name in (("best_of_n", "best-of-n"), ("best_of_n_ensemble", "best-of-n (RM ensemble)")):
         bon = results.get(key, {}).get("curve")
         if bon:
             curves[name] = overoptimisation.summarise([{"step": r["n"], **r} for r in bon], "bon")
