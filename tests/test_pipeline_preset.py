@@ -39,7 +39,7 @@ def test_smollm2_preset_points_every_stage_at_the_wheels_gguf_and_flags_override
 
 
 def test_an_unknown_preset_names_the_choices():
-    with pytest.raises(SystemExit, match=r"--preset 'nope': choose one of \['embedded', 'smollm2'\]"):
+    with pytest.raises(SystemExit, match=r"--preset 'nope': choose one of \['embedded', 'overoptimise', 'smollm2'\]"):
         pipeline.cli(["--preset", "nope"])
 
 
