@@ -13,6 +13,8 @@ runs the model and hands it the arrays.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.struct
 import jax
 
@@ -71,11 +73,17 @@ def policy_and_values(params: Params, input_ids_BT: jax.Array, attention_mask_BT
 
 
 def rl_loss(logps_BT: jax.Array, entropy_BT: jax.Array, values_BT: jax.Array | None, batch: RLBatch, *,
-            algo: Algorithm, max_len: int | None = None) -> tuple[jax.Array, Metrics]:
+            algo: Algorithm, max_len: int | None = None, policy_loss: Callable | None = None
+            ) -> tuple[jax.Array, Metrics]:
     """``policy_loss + vf_coef · value_loss + β · kl_loss`` on one (mini)batch.
 
     - policy loss: ``registry.POLICY_LOSSES[algo.policy_loss]`` (clipped ratio per token, or GSPO's
-      sequence ratio), aggregated by ``algo.aggregation`` (``max_len``: Dr. GRPO's constant);
+      sequence ratio), aggregated by ``algo.aggregation`` (``max_len``: Dr. GRPO's constant); or
+      ``policy_loss``, a callable with the registered losses' signature that replaces it (a loss of
+      one's own, options bound with ``functools.partial``; see ``notebooks/custom_loss.py``). It is
+      called as ``policy_loss(logps_BT, old_logps_BT, advantages_BT, mask_BT, *, clip_eps, clip_eps_high,
+      entropy_BT, entropy_coef, aggregation, max_len[, dual_clip])``, so options it binds must have
+      other names (a call's keyword overrides a ``partial``'s);
     - value loss (only when ``values_BT`` is given): clipped squared error to the returns, token mean;
     - KL loss (only with ``algo.kl_placement == "loss"``): ``algo.kl_estimator`` per token, the same
       aggregation (GRPO, Shao et al. 2024, eq. 3).
@@ -85,8 +93,9 @@ def rl_loss(logps_BT: jax.Array, entropy_BT: jax.Array, values_BT: jax.Array | N
                    entropy_coef=algo.entropy_coef, aggregation=algo.aggregation, max_len=max_len)
     if algo.dual_clip is not None:
         options["dual_clip"] = algo.dual_clip
-    loss, metrics = registry.POLICY_LOSSES[algo.policy_loss](logps_BT, batch.old_logps_BT, batch.advantages_BT,
-                                                             mask_BT, **options)
+    if policy_loss is None:
+        policy_loss = registry.POLICY_LOSSES[algo.policy_loss]
+    loss, metrics = policy_loss(logps_BT, batch.old_logps_BT, batch.advantages_BT, mask_BT, **options)
     if values_BT is not None:
         vf_loss, vf_metrics = losses.value_loss(values_BT, batch.old_values_BT, batch.returns_BT, mask_BT,
                                                 clip_range=algo.value_clip)
@@ -99,10 +108,11 @@ def rl_loss(logps_BT: jax.Array, entropy_BT: jax.Array, values_BT: jax.Array | N
 
 
 def rl_objective(params: Params, frozen: Params, batch: RLBatch, *, model_cfg: models.ModelConfig,
-                 algo: Algorithm, critic_cfg: models.ModelConfig | None = None, max_len: int | None = None
-                 ) -> tuple[jax.Array, Metrics]:
-    """:func:`rl_loss` on the model's log-probs, entropies and (with a critic) values of ``batch``."""
+                 algo: Algorithm, critic_cfg: models.ModelConfig | None = None, max_len: int | None = None,
+                 policy_loss: Callable | None = None) -> tuple[jax.Array, Metrics]:
+    """:func:`rl_loss` on the model's log-probs, entropies and (with a critic) values of ``batch``
+    (``policy_loss``: a callable replacing the algorithm's registered policy loss)."""
     del frozen  # the reference's log-probs were computed when the rollout was scored
     logps_BT, entropy_BT, values_BT = policy_and_values(params, batch.input_ids_BT, batch.attention_mask_BT,
                                                         model_cfg=model_cfg, critic_cfg=critic_cfg)
-    return rl_loss(logps_BT, entropy_BT, values_BT, batch, algo=algo, max_len=max_len)
+    return rl_loss(logps_BT, entropy_BT, values_BT, batch, algo=algo, max_len=max_len, policy_loss=policy_loss)

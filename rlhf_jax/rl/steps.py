@@ -112,8 +112,9 @@ def make_update_step(model_cfg: models.ModelConfig, optimizer: optax.GradientTra
     """``step(state, batch, key) -> (state, metrics)``: ``epochs`` passes over the batch, each in
     ``num_minibatches`` shuffled minibatches, all inside ``lax.scan`` (one optimizer call per
     minibatch). Metrics are summed over every minibatch of every epoch. ``objective_options`` go to
-    :func:`rlhf_jax.rl.objective.rl_objective` (``algo``, ``critic_cfg``, ``max_len``); another
-    ``objective(params, frozen, batch)`` (online DPO's) replaces it.
+    :func:`rlhf_jax.rl.objective.rl_objective` (``algo``, ``critic_cfg``, ``max_len``, and ``policy_loss``: a
+    callable that replaces the algorithm's registered policy loss, e.g. ``functools.partial(my_loss, ...)``);
+    another ``objective(params, frozen, batch)`` (online DPO's) replaces the whole objective.
     """
     if objective is None:
         objective = functools.partial(rl_objective, model_cfg=model_cfg, **objective_options)
