@@ -1,8 +1,9 @@
-"""The experiment scripts, end to end, in subprocesses, on the embedded default with small budgets.
+"""The pipeline script end to end, in a subprocess, on the embedded default with small budgets.
 
-One small pipeline run (module fixture) is shared: its report and results are checked, its
-exports are loaded in transformers, each script's CLI runs against its outputs, and a PPO run is
-killed and resumed.
+One small pipeline run (module fixture) is shared: its report and results are checked and its
+exports are loaded in transformers; the iterated rounds (PPO and DPO) continue it with --resume.
+Each stage script's own CLI, a mesh run, kill and --resume and the scripts on a user's files are in
+tests/test_experiments_scripts.py, so that `pytest -n 2 --dist loadfile` runs them beside this file.
 """
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -27,13 +26,12 @@ PIPELINE_ARGS = [
     "--sft.steps", "160", "--sft.eval-every", "160", "--sft.num-eval-samples", "0",
     "--rm.steps", "120", "--rm.eval-every", "120", "--rm.normalize-samples", "128",
     "--rm.data.num-train", "3840", "--rm.data.num-eval", "256",
-    "--ppo.iterations", "12", "--ppo.rollout-prompts", "32", "--ppo.eval-every", "12",
+    "--ppo.iterations", "12", "--ppo.rollout-prompts", "32", "--ppo.eval-every", "4",
     "--ppo.optim.learning-rate", "1e-4",
     "--ppo.num-eval-prompts", "128", "--ppo.run.save-every", "6",
     "--dpo.steps", "40", "--dpo.eval-every", "40", "--dpo.num-eval-prompts", "128",
     "--dpo.data.num-train", "1280", "--dpo.data.num-eval", "128",
-    "--bon.n", "4", "--bon.num-eval-prompts", "128",
-    "--rounds", "2", "--pairs-per-round", "128",
+    "--bon.n", "4", "--bon.num-eval-prompts", "128", "--bon.curve-n", "16", "--bon.curve-prompts", "32",
     # the online methods: 32 responses per iteration as PPO, fewer iterations (their rows only need to exist here;
     # the README's table runs them at PPO's full budget)
     *[arg for stage, prompts in (("grpo", "8"), ("rloo", "8"), ("online-dpo", "16")) for arg in (
@@ -60,11 +58,6 @@ def _run(script: str, *args: str, timeout: int = 900, host_devices: int | None =
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")
     return proc
-
-
-def _finished_checkpoints(folder: pathlib.Path) -> list[int]:
-    """Steps of the finished orbax checkpoints in ``folder`` (in-progress ones end in -tmp)."""
-    return [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +89,30 @@ def test_pipeline_writes_report_and_ppo_beats_sft(pipeline_run):
     assert methods["best-of-4"]["kl"] == pytest.approx(np.log(4) - 3 / 4, rel=1e-6)
 
 
+def test_overoptimisation_curves_in_results_and_plot(pipeline_run):
+    """PPO's held-out evaluations (every 4 iterations) and best-of-n for n = 1..16 become curves of gold and proxy
+    against d = sqrt(KL), with Gao et al.'s fits, in results.json and overoptimisation.png."""
+    results = json.loads((pipeline_run / "results.json").read_text())
+    curves = results["overoptimisation"]
+    assert (pipeline_run / "overoptimisation.png").stat().st_size > 1000
+    ppo = curves["PPO"]
+    assert ppo["form"] == "rl" and [p["step"] for p in ppo["points"]] == [0, 4, 8, 12]
+    evals = [m for m in _jsonl(pipeline_run / "ppo" / "metrics.jsonl") if "eval/kl" in m]
+    for point, m in zip(ppo["points"][1:], evals):  # gold and proxy relative to the SFT samples' scores
+        assert point["d"] == pytest.approx(np.sqrt(max(m["eval/kl"], 0.0)))
+        assert point["gold"] == pytest.approx(m["eval/gold"] - m["eval/ref_gold"])
+        assert point["proxy"] == pytest.approx(m["eval/rm_score"] - m["eval/ref_rm_score"])
+    methods = {row["method"]: row for row in results["table"]}  # the last evaluation is PPO's row in the table
+    assert ppo["points"][-1]["gold"] == pytest.approx(methods["PPO"]["gold"] - methods["SFT"]["gold"], abs=1e-6)
+    bon = curves["best-of-n"]
+    assert bon["form"] == "bon" and [p["step"] for p in bon["points"]] == list(range(1, 17))
+    n = np.arange(1, 17)
+    np.testing.assert_allclose([p["d"] ** 2 for p in bon["points"]], np.log(n) - (n - 1) / n, atol=1e-9)
+    assert bon["points"][0]["gold"] == pytest.approx(0.0, abs=1e-6)  # best-of-1 is the SFT's own sample
+    for c in (ppo, bon):
+        assert np.isfinite(c["fit_gold"]["alpha"]) and np.isfinite(c["fit_proxy"]["beta"]), c
+
+
 def test_stage_outputs(pipeline_run):
     for stage in ("sft", "rm", "ppo", "dpo"):
         folder = pipeline_run / stage
@@ -122,16 +139,28 @@ def _jsonl(path: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_iterated_round_annotates_policy_samples_and_keeps_the_sft_reference(pipeline_run):
+# Round 2 of --rounds 2, resumed on a copy of the round-1 run: round 1's stages are kept (their budgets above),
+# round 2's reward model and PPO take these smaller ones (what is checked of them does not depend on their length).
+ROUND2_ARGS = ["--rounds", "2", "--pairs-per-round", "128", "--skip-online", "--skip-best-of-n", "--skip-dpo",
+               "--rm.steps", "16", "--rm.eval-every", "16", "--rm.normalize-samples", "32",
+               "--ppo.iterations", "2", "--ppo.eval-every", "2", "--ppo.num-eval-prompts", "32", "--ppo.run.save-every", "2"]
+
+
+def test_iterated_round_annotates_policy_samples_and_keeps_the_sft_reference(pipeline_run, tmp_path):
     """Round 2 labels pairs of the round-1 policy's samples, retrains the reward model on every
     comparison so far, and continues PPO from the round-1 policy with SFT still the KL reference."""
-    round2 = pipeline_run / "round2"
+    run = tmp_path / "run"
+    for stage in ("sft", "rm", "ppo"):
+        shutil.copytree(pipeline_run / stage, run / stage, ignore=shutil.ignore_patterns("checkpoints"))
+    proc = _run("pipeline.py", "--out", str(run), "--resume", *PIPELINE_ARGS, *ROUND2_ARGS, timeout=1200)
+    assert f"sampling 128 pairs from {run / 'ppo' / 'hf'}" in proc.stdout
+    round2 = run / "round2"
     new = _jsonl(round2 / "new_comparisons.jsonl")
     assert len(new) == 128 and all(row["chosen"] != row["rejected"] for row in new)
     assert len(_jsonl(round2 / "comparisons.jsonl")) == 3840 + 128  # round 1's comparisons + the new ones
     assert len(_jsonl(round2 / "comparisons_eval.jsonl")) == 32
     assert json.loads((round2 / "rm" / "eval.json").read_text())["accuracy"] is not None
-    methods = {row["method"] for row in json.loads((pipeline_run / "results.json").read_text())["table"]}
+    methods = {row["method"] for row in json.loads((run / "results.json").read_text())["table"]}
     assert "PPO round 2" in methods
     assert (round2 / "ppo" / "hf" / "model.safetensors").exists()
 
@@ -140,7 +169,7 @@ def test_iterated_round_annotates_policy_samples_and_keeps_the_sft_reference(pip
 
     # the retrained and the previous reward model are scored on the same held-out policy pairs; the
     # pipeline's scorer reproduces the RM stage's own held-out accuracy (one tie may flip)
-    rm = json.loads((pipeline_run / "results.json").read_text())["rm_rounds"]["round2"]
+    rm = json.loads((run / "results.json").read_text())["rm_rounds"]["round2"]
     assert 0.0 <= rm["previous_rm_accuracy"] <= 1.0
     sys.path.insert(0, str(EXPERIMENTS))
     import pipeline
@@ -164,7 +193,7 @@ def test_iterated_dpo_rounds_continue_the_latest_dpo_policy(pipeline_run, tmp_pa
     for stage in ("sft", "rm", "ppo", "dpo"):
         shutil.copytree(pipeline_run / stage, out / stage, ignore=shutil.ignore_patterns("checkpoints"))
     proc = _run("pipeline.py", "--out", str(out), "--resume", *PIPELINE_ARGS, "--skip-online", "--skip-best-of-n",
-                "--round-method", "dpo", "--pairs-per-round", "64", "--dpo.steps", "8", "--dpo.eval-every", "8",
+                "--rounds", "2", "--round-method", "dpo", "--pairs-per-round", "64", "--dpo.steps", "8", "--dpo.eval-every", "8",
                 "--dpo.num-eval-prompts", "32", timeout=1200)
     assert f"sampling 64 pairs from {out / 'dpo' / 'hf'}" in proc.stdout
     new = _jsonl(out / "round2" / "new_comparisons.jsonl")
@@ -192,112 +221,10 @@ def test_exported_policy_loads_in_transformers(pipeline_run):
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
-def test_each_script_cli(pipeline_run, tmp_path):
-    """Every script runs alone from the command line with tiny arguments (on a copy of the run)."""
-    out = tmp_path / "run"
-    shutil.copytree(pipeline_run / "sft" / "hf", out / "sft" / "hf")
-    shutil.copytree(pipeline_run / "rm" / "hf", out / "rm" / "hf")
-    common = ["--run.out", str(out)]
-    _run("sft.py", *common, "--steps", "4", "--eval-every", "4", "--num-eval-samples", "8", "--batch-size", "8",
-         "--data.num-train", "64", "--data.num-eval", "16", "--run.out", str(tmp_path / "fresh"))
-    assert (tmp_path / "fresh" / "sft" / "hf" / "model.safetensors").exists()
-    _run("reward_model.py", *common, "--steps", "3", "--eval-every", "3", "--batch-size", "8",
-         "--normalize-samples", "16", "--data.num-train", "64", "--data.num-eval", "16", "--loss", "bt_centered",
-         "--run.out", str(tmp_path / "rm_only"), "--model.path", str(out / "sft" / "hf"))
-    assert json.loads((tmp_path / "rm_only" / "rm" / "eval.json").read_text())["gain"] > 0
-    _run("ppo.py", *common, "--iterations", "2", "--rollout-prompts", "8", "--num-minibatches", "2",
-         "--epochs", "1", "--eval-every", "2", "--num-eval-prompts", "8", "--critic", "separate", "--kl.adaptive")
-    proc = _run("grpo.py", *common, "--algo", "dapo", "--iterations", "2", "--rollout-prompts", "4", "--num-minibatches",
-                "2", "--epochs", "1", "--eval-every", "0", "--reward", "rlhf_jax.rewards:gold=0.5",
-                "--reward-model-weight", "1")
-    assert "[dapo] reward: 1 x reward model + 0.5 x rlhf_jax.rewards:gold" in proc.stdout
-    dapo = [json.loads(line) for line in (out / "dapo" / "metrics.jsonl").read_text().splitlines()]
-    assert all("vf/loss" not in m for m in dapo) and "reward/gold" in dapo[-1] and "rollout/draws" in dapo[-1]
-    _run("online_dpo.py", *common, "--judge", "annotator", "--iterations", "2", "--rollout-prompts", "4",
-         "--num-minibatches", "2", "--epochs", "1", "--eval-every", "2", "--num-eval-prompts", "8")
-    assert (out / "online_dpo" / "hf" / "model.safetensors").exists()
-    _run("dpo.py", *common, "--steps", "3", "--eval-every", "3", "--batch-size", "8", "--variant", "ipo",
-         "--data.num-train", "64", "--data.num-eval", "16", "--num-eval-prompts", "8")
-    assert (out / "dpo_ipo" / "hf" / "model.safetensors").exists()
-    proc = _run("best_of_n.py", *common, "--n", "2", "--num-eval-prompts", "8")
-    assert "n=2" in proc.stdout
-
-
-def test_scripts_on_a_two_device_mesh(pipeline_run, tmp_path):
-    """PPO and DPO start the policy and the frozen reference from the same loaded checkpoint; on a
-    multi-device mesh they must still get separate buffers, or the donated train step fails."""
-    out = tmp_path / "run"
-    shutil.copytree(pipeline_run / "sft" / "hf", out / "sft" / "hf")
-    shutil.copytree(pipeline_run / "rm" / "hf", out / "rm" / "hf")
-    common = ["--run.out", str(out)]
-    proc = _run("ppo.py", *common, "--iterations", "2", "--rollout-prompts", "8", "--num-minibatches", "2",
-                "--epochs", "1", "--eval-every", "2", "--num-eval-prompts", "8", host_devices=2)
-    assert "[ppo] step 2" in proc.stdout
-    _run("dpo.py", *common, "--steps", "2", "--eval-every", "2", "--batch-size", "8", "--data.num-train", "32",
-         "--data.num-eval", "16", "--num-eval-prompts", "8", host_devices=2)
-    assert (out / "dpo" / "hf" / "model.safetensors").exists()
-
-
-def test_pipeline_resumes_after_kill_during_ppo(pipeline_run, tmp_path):
-    """Killed during PPO and restarted with --resume: finished stages are kept, PPO continues from its
-    newest checkpoint and completes every iteration exactly once after it."""
-    out = tmp_path / "run"
-    for stage in ("sft", "rm"):
-        shutil.copytree(pipeline_run / stage, out / stage)
-    args = ["--out", str(out), "--resume", *PIPELINE_ARGS, "--ppo.iterations", "8", "--ppo.run.save-every", "2",
-            "--ppo.eval-every", "8", "--skip-dpo", "--skip-best-of-n", "--skip-online", "--rounds", "1"]
-    proc = subprocess.Popen([sys.executable, str(EXPERIMENTS / "pipeline.py"), *args], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    ckpts = out / "ppo" / "checkpoints"
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline:
-            steps = _finished_checkpoints(ckpts)
-            if steps and max(steps) >= 4:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"pipeline ended before it could be killed:\n{proc.stdout.read()[-3000:]}")
-            time.sleep(0.5)
-        else:
-            pytest.fail("no PPO checkpoint within 10 minutes")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    saved = max(_finished_checkpoints(ckpts))
-    assert not (out / "ppo" / "eval.json").exists()
-
-    resumed = _run("pipeline.py", *args, timeout=900)
-    assert "SFT: finished earlier, kept" in resumed.stdout
-    assert f"[ppo] resumed from iteration {saved}" in resumed.stdout
-    logged = [json.loads(line)["step"] for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()
-              if "rollout/score" in line]
-    assert saved < 8, "killed too late to test resuming"
-    assert logged[-(8 - saved):] == list(range(saved + 1, 9))  # the resumed run's iterations, once each
-    assert (out / "ppo" / "eval.json").exists() and (out / "ppo" / "hf" / "model.safetensors").exists()
-
-
 # --- Evaluation on a user's own data (rlhf_jax.evaluation) -----------------------------------------
 
 EVAL_KEYS = {"num_prompts", "kl", "response_tokens", "ref_response_tokens", "eos_rate", "ref_eos_rate", "samples"}
 RM_KEYS = {"rm_score", "ref_rm_score", "rm_win_rate"}
-
-
-def _user_prompts(n: int) -> list[dict]:
-    """Text prompts and conversations, with the characters that used to break the samples table."""
-    rows = []
-    for i in range(n):
-        if i % 2:
-            rows.append({"prompt": f"Customer: Hi | team. Order {1000 + i} is late.\nIt was due Monday.\nAgent:"})
-        else:
-            rows.append({"prompt": [{"role": "user", "content": f"Where is my refund for order {2000 + i}?\nThanks | bye"},
-                                    {"role": "assistant", "content": "Let me check."},
-                                    {"role": "user", "content": "Please hurry."}]})
-    return rows
-
-
-def _write_jsonl_rows(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _check_tables(markdown: str) -> list[list[list[str]]]:
@@ -319,88 +246,3 @@ def _check_tables(markdown: str) -> list[list[list[str]]]:
     return tables
 
 
-def _prompt_cell(prompt) -> str:
-    from rlhf_jax import evaluation
-
-    return evaluation.prompt_text(prompt).strip()
-
-
-def test_ppo_and_best_of_n_evaluate_a_user_prompt_file(pipeline_run, tmp_path):
-    """With only --data.path, PPO holds out a share of the prompts and evaluates on them (reward model,
-    KL, length, EOS rate, samples); best-of-n on the same file evaluates on the same held-out prompts
-    against the same reference samples."""
-    out = tmp_path / "run"
-    shutil.copytree(pipeline_run / "sft" / "hf", out / "sft" / "hf")
-    shutil.copytree(pipeline_run / "rm" / "hf", out / "rm" / "hf")
-    prompts = _write_jsonl_rows(tmp_path / "prompts.jsonl", _user_prompts(48))
-    data = ["--data.path", str(prompts), "--data.eval-fraction", "0.25", "--run.out", str(out)]
-    proc = _run("ppo.py", *data, "--iterations", "2", "--rollout-prompts", "8", "--num-minibatches", "2", "--epochs", "1",
-                "--eval-every", "2", "--num-eval-prompts", "8", "--samples-every", "1")
-    assert "held out for evaluation" in proc.stdout
-    ev = json.loads((out / "ppo" / "eval.json").read_text())
-    assert EVAL_KEYS | RM_KEYS <= set(ev) and not {"gold", "win_rate"} & set(ev), sorted(ev)
-    assert ev["num_prompts"] == len(ev["samples"]) == 8
-    assert 0.0 <= ev["rm_win_rate"] <= 1.0 and 0.0 <= ev["eos_rate"] <= 1.0 and ev["response_tokens"] >= 1
-    assert {type(s["prompt"]) for s in ev["samples"]} == {str, list}  # both kinds of prompt were held out
-    metrics = _jsonl(out / "ppo" / "metrics.jsonl")
-    assert any("eval/rm_score" in m and m["step"] == 2 for m in metrics)
-    tables = _check_tables((out / "ppo" / "samples.md").read_text())
-    assert len(tables) == 3  # rollouts of iterations 1 and 2, then the held-out evaluation
-    assert [row[0] for row in tables[-1][1:]] == [_prompt_cell(s["prompt"]) for s in ev["samples"]]
-
-    _run("best_of_n.py", *data, "--n", "2", "--num-eval-prompts", "8")
-    bon = json.loads((out / "best_of_n" / "eval.json").read_text())["bon_2"]
-    assert EVAL_KEYS | RM_KEYS <= set(bon)
-    assert [s["prompt"] for s in bon["samples"]] == [s["prompt"] for s in ev["samples"]]
-    assert [s["reference"] for s in bon["samples"]] == [s["reference"] for s in ev["samples"]]
-    assert bon["ref_rm_score"] == pytest.approx(ev["ref_rm_score"], rel=1e-5)
-    _check_tables((out / "best_of_n" / "samples.md").read_text())
-    assert _jsonl(out / "best_of_n" / "metrics.jsonl")[0]["step"] == 2
-
-
-def test_dpo_evaluates_a_user_pair_file_without_a_reward_model(pipeline_run, tmp_path):
-    rows = [{"prompt": r["prompt"], "chosen": " I'm sorry about this. We will fix it today.", "rejected": " Okay."}
-            for r in _user_prompts(40)]
-    pairs = _write_jsonl_rows(tmp_path / "pairs.jsonl", rows)
-    out = tmp_path / "run"
-    _run("dpo.py", "--model.path", str(pipeline_run / "sft" / "hf"), "--run.out", str(out), "--data.path", str(pairs),
-         "--data.eval-fraction", "0.2", "--steps", "2", "--eval-every", "2", "--batch-size", "8", "--num-eval-prompts", "6")
-    ev = json.loads((out / "dpo" / "eval.json").read_text())
-    assert EVAL_KEYS <= set(ev) and not (RM_KEYS | {"gold"}) & set(ev), sorted(ev)
-    assert "eval/dpo/loss" in ev  # the held-out split also gives the held-out DPO loss
-    assert 1 <= ev["num_prompts"] <= 6 and len({json.dumps(s["prompt"]) for s in ev["samples"]}) == ev["num_prompts"]
-    assert any("eval/kl" in m for m in _jsonl(out / "dpo" / "metrics.jsonl"))
-    table = _check_tables((out / "dpo" / "samples.md").read_text())[0]
-    assert table[0][:3] == ["prompt", "SFT", "DPO"]
-
-
-def test_rerun_of_a_stage_continues_its_metrics_without_duplicate_steps(tmp_path):
-    """A resumed run drops what the interrupted run logged after its last checkpoint; a fresh run over
-    a folder without checkpoints starts metrics.jsonl anew. No figure of the disabled z-loss, and the
-    logged learning rate is the fitted schedule's."""
-    out = str(tmp_path / "run")
-    args = ["--run.out", out, "--steps", "4", "--run.save-every", "2", "--run.log-every", "1", "--eval-every", "2",
-            "--batch-size", "4", "--data.num-train", "32", "--data.num-eval", "8", "--num-eval-samples", "0",
-            "--optim.warmup-steps", "1"]
-    first = _run("sft.py", *args)
-    assert "Skipping merge of OCDBT" not in first.stderr
-    stage = tmp_path / "run" / "sft"
-
-    def train_steps():
-        return [m["step"] for m in _jsonl(stage / "metrics.jsonl") if "sft/loss" in m]
-
-    assert train_steps() == [1, 2, 3, 4]
-    shutil.rmtree(stage / "checkpoints" / "4")  # as if killed after logging step 4, before its checkpoint
-    resumed = _run("sft.py", *args, "--run.resume")
-    assert "resumed from step 2" in resumed.stdout
-    assert train_steps() == [1, 2, 3, 4]
-    metrics = _jsonl(stage / "metrics.jsonl")
-    assert [m["step"] for m in metrics if "eval/sft/loss" in m] == [2, 4]
-    assert not [k for m in metrics for k in m if "z_loss" in k]
-    lrs = [m["optim/lr"] for m in metrics if "optim/lr" in m]
-    peak = 2e-3  # sft.py's default
-    assert lrs[0] == pytest.approx(0.0) and lrs[1] == pytest.approx(peak)  # warmup 1, then the peak
-    assert lrs[3] < lrs[2] < peak  # cosine over the 4 steps of this run
-    shutil.rmtree(stage / "checkpoints")
-    _run("sft.py", *args)  # fresh run, no checkpoints left: the old entries go
-    assert train_steps() == [1, 2, 3, 4]

@@ -195,21 +195,7 @@ def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def sft_dir(tmp_path_factory) -> pathlib.Path:
-    """A briefly trained SFT model of the embedded default (the policy / backbone the scripts start from),
-    made once per test session even when pytest-xdist spreads these tests over several workers."""
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the session's folder, above each worker's own
-    out = root / "feedback_kinds_sft"
-    with FileLock(str(root / "feedback_kinds_sft.lock")):
-        if not (out / "sft" / "hf" / "model.safetensors").exists():
-            _run("sft.py", "--steps", "60", "--eval-every", "0", "--num-eval-samples", "0", "--batch-size", "16",
-                 "--data.num-train", "960", "--data.num-eval", "16", "--run.out", str(out), "--run.save-every", "1000")
-    return out / "sft" / "hf"
+# sft_dir: the session's briefly trained SFT model (tests/conftest.py), shared with test_experiments_scripts.py
 
 
 def test_kto_script_on_simulated_thumbs(sft_dir, tmp_path):
