@@ -146,8 +146,8 @@ def overoptimise_preset() -> PipelineConfig:
     """Reward over-optimisation made visible on the embedded default (Gao et al. 2022; Coste et al. 2023): the default
     SFT and reward model, then PPO with no KL penalty (β = 0) for 60 iterations, evaluated every 5 on held-out prompts,
     best-of-n up to 256, and the same PPO and best-of-n judged by a worst-case ensemble of three reward models. Measured
-    on this preset's PPO alone (seed 0): gold peaks near iteration 15 (+1.83 at KL 3.2) and ends at -0.63 (KL 47) while
-    the proxy keeps rising (+1.20 -> +2.52). Online methods and DPO are skipped."""
+    on this preset's PPO alone (seed 0), relative to SFT's samples: gold peaks at iteration 15 (+1.21 at KL 3.2) and ends
+    at -1.25 (KL 47) while the proxy keeps rising (+1.01 -> +2.33). Online methods and DPO are skipped."""
     base = PipelineConfig()
     return dataclasses.replace(
         base, out="runs/overoptimise",
