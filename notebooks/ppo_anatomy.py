@@ -235,8 +235,8 @@ print(f"{len(ROWS)} runs of {B['iterations']} iterations x {B['responses']} resp
       f"{B['minibatches']} minibatches, lr {B['learning_rate']:g}, beta 0.1; {B['eval_prompts']} held-out prompts\n")
 print("| run | advantage | KL | gold | ± | win rate vs SFT | KL to SFT | RM score |")
 print("|---|---|---|---|---|---|---|---|")
-for label, adv, kl_where, gold, gold_se, win, kl, rm in table:
-    print(f"| {label} | {adv} | {kl_where} | {gold:.3f} | {gold_se:.3f} | {win:.1%} | {kl:.3f} | {rm:.3f} |")
+for label, adv, kl_where, gold, gold_se, win, kl_nats, rm in table:
+    print(f"| {label} | {adv} | {kl_where} | {gold:.3f} | {gold_se:.3f} | {win:.1%} | {kl_nats:.3f} | {rm:.3f} |")
 
 # %%
 markers = {"KL estimator, in the reward": "o", "KL in the loss": "s", "advantage estimator": "^"}

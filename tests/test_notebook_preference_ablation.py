@@ -48,8 +48,8 @@ def test_paired_and_committed_with_outputs():
 
 
 def test_vmapped_seeds_train_as_one_seed_alone(text):
-    m = re.search(rf"vmap check \(DPO, seed 0, (\d+) steps\): max \|θ_vmap − θ_alone\| = (\S+) "
-                  rf"\(max \|θ − θ_SFT\| = (\S+)\); max \|loss_vmap − loss_alone\| = (\S+)", text)
+    m = re.search(r"vmap check \(DPO, seed 0, (\d+) steps\): max \|θ_vmap − θ_alone\| = (\S+) "
+                  r"\(max \|θ − θ_SFT\| = (\S+)\); max \|loss_vmap − loss_alone\| = (\S+)", text)
     assert m, text[-3000:]
     diff, moved, loss_diff = float(m[2]), float(m[3]), float(m[4])
     assert moved > 0  # the check compares states that trained, not two copies of the SFT model
