@@ -4,19 +4,35 @@ through jupytext with ``notebooks/<name>.py`` (percent format, the readable diff
 ``execute(name, env)`` runs the notebook's cells as the ``.py`` holds them, in a fresh kernel (nbclient),
 with ``env`` added to the kernel's environment (notebooks read their budget from environment variables, e.g.
 a small one in tests), and returns the executed notebook; ``printed(nb)`` is everything its cells printed.
-``check_paired(name)`` asserts that the ``.ipynb`` holds the same cells as the ``.py``.
+``check_paired(name)`` asserts that the ``.ipynb`` holds the same cells as the ``.py``. ``small_env(**extra)`` is
+the environment the tests execute notebooks in (the small budget, CPU, the suite's compile cache);
+``session_dir(tmp_path_factory)`` a folder every xdist worker of one test session shares.
 """
 from __future__ import annotations
 
 import os
 import pathlib
 
+import jax
 import jupytext
 import nbformat
 from nbclient import NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
+
+
+def small_env(**extra: str) -> dict[str, str]:
+    """The small budget on CPU with the suite's compile cache, plus ``extra`` variables."""
+    return {"RLHF_JAX_NOTEBOOK_BUDGET": "small",
+            "RLHF_JAX_COMPILE_CACHE": jax.config.jax_compilation_cache_dir or os.path.abspath(".cache/jax_test"),
+            "JAX_PLATFORMS": "cpu", **extra}
+
+
+def session_dir(tmp_path_factory) -> pathlib.Path:
+    """A folder shared by the xdist workers of one test session (each worker's base folder is below it)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
 
 
 def _cells(nb) -> list[tuple[str, str]]:

@@ -9,14 +9,13 @@ and seeds trained side by side (vmap) equal the same seeds trained one at a time
 from __future__ import annotations
 
 import functools
-import os
 import re
 
 import jax
 import numpy as np
 import pytest
 
-from notebook_runner import check_paired, execute, printed
+from notebook_runner import check_paired, execute, printed, small_env
 from rlhf_jax import bandit as bd
 from rlhf_jax import registry
 from rlhf_jax.rl.algorithms import PRESETS
@@ -28,11 +27,7 @@ CELL = rf"{NUMBER} ± {NUMBER}"
 
 @pytest.fixture(scope="module")
 def text() -> str:
-    env = {
-        "RLHF_JAX_NOTEBOOK_BUDGET": "small",
-        "RLHF_JAX_COMPILE_CACHE": jax.config.jax_compilation_cache_dir or os.path.abspath(".cache/jax_test"),
-        "JAX_PLATFORMS": "cpu",
-    }
+    env = small_env()
     return printed(execute(NAME, env))
 
 

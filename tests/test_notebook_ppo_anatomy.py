@@ -10,14 +10,12 @@ committed .ipynb is paired with the .py and has outputs.
 from __future__ import annotations
 
 import math
-import os
 import re
 
-import jax
 import numpy as np
 import pytest
 
-from notebook_runner import check_paired, execute, printed
+from notebook_runner import check_paired, execute, printed, session_dir, small_env
 
 NAME = "ppo_anatomy"
 NUMBER = r"(-?\d+\.\d+)"
@@ -33,21 +31,11 @@ RUNS = {  # label -> (advantage, KL placement)
 }
 
 
-def _shared_tmp(tmp_path_factory):
-    """A folder shared by the xdist workers of one session (notebooks/custom_loss uses the same SFT and reward
-    models: the notebooks' lock lets the first worker build them and the other reuse them)."""
-    root = tmp_path_factory.getbasetemp()
-    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
-
-
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> str:
-    env = {
-        "RLHF_JAX_NOTEBOOK_BUDGET": "small",
-        "RLHF_JAX_NOTEBOOK_CACHE": str(_shared_tmp(tmp_path_factory) / "notebook_models"),
-        "RLHF_JAX_COMPILE_CACHE": jax.config.jax_compilation_cache_dir or os.path.abspath(".cache/jax_test"),
-        "JAX_PLATFORMS": "cpu",
-    }
+    # the SFT and reward models custom_loss and ppo_anatomy share: the notebooks' lock lets the first xdist worker
+    # build them and the other reuse them
+    env = small_env(RLHF_JAX_NOTEBOOK_CACHE=str(session_dir(tmp_path_factory) / "notebook_models"))
     return printed(execute(NAME, env))
 
 

@@ -5,13 +5,11 @@ printed: the vmapped seeds train exactly as one seed alone, each loss starts whe
 from __future__ import annotations
 
 import math
-import os
 import re
 
-import jax
 import pytest
 
-from notebook_runner import check_paired, execute, printed
+from notebook_runner import check_paired, execute, printed, small_env
 
 NAME = "preference_ablation"
 LOSSES = ["DPO", "IPO", "cDPO", "SimPO", "RPO", "KTO"]
@@ -20,12 +18,8 @@ NUMBER = r"(-?\d+\.\d+)"
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> str:
-    env = {
-        "RLHF_JAX_NOTEBOOK_BUDGET": "small",
-        "RLHF_JAX_NOTEBOOK_CACHE": str(tmp_path_factory.mktemp("notebook_cache")),  # the SFT model is trained anew
-        "RLHF_JAX_COMPILE_CACHE": jax.config.jax_compilation_cache_dir or os.path.abspath(".cache/jax_test"),
-        "JAX_PLATFORMS": "cpu",
-    }
+    # the SFT model is trained anew
+    env = small_env(RLHF_JAX_NOTEBOOK_CACHE=str(tmp_path_factory.mktemp("notebook_cache")))
     return printed(execute(NAME, env))
 
 
