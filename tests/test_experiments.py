@@ -204,6 +204,49 @@ def test_iterated_dpo_rounds_continue_the_latest_dpo_policy(pipeline_run, tmp_pa
     assert first and all(np.isfinite(m.get("optim/loss", 0.0)) for m in first)
 
 
+# --preset overoptimise (PPO with no KL penalty, a worst-case ensemble of three reward models beside the single one) on
+# the fixture's SFT and reward model, at a small budget: PPO's learning rate raised so that 18 iterations reach the
+# KL (tens of nats) where the single reward model's gold collapses; the two extra members are trained at the
+# fixture's reward-model budget (weaker members do not protect: at 40 steps the worst case collapses as well).
+OVEROPTIMISE_ARGS = ["--preset", "overoptimise", "--ppo.iterations", "18", "--ppo.rollout-prompts", "32",
+                     "--ppo.eval-every", "3", "--ppo.num-eval-prompts", "64", "--ppo.optim.learning-rate", "3e-4",
+                     "--ppo.run.save-every", "100", "--bon.n", "4", "--bon.num-eval-prompts", "32", "--bon.curve-n", "4",
+                     "--bon.curve-prompts", "16"]
+
+
+def test_overoptimise_preset_turns_and_the_worst_case_ensemble_keeps_gold(pipeline_run, tmp_path):
+    """Gao et al.'s over-optimisation, measured: without a KL penalty PPO's proxy (reward-model) score keeps rising
+    while its gold score peaks and falls; judged by the worst case of three reward models (Coste et al. 2023)
+    PPO's gold peak is at least the single reward model's."""
+    out = tmp_path / "run"
+    for stage in ("sft", "rm"):
+        shutil.copytree(pipeline_run / stage, out / stage, ignore=shutil.ignore_patterns("checkpoints"))
+    rm_budget = PIPELINE_ARGS[PIPELINE_ARGS.index("--rm.steps"):PIPELINE_ARGS.index("--rm.data.num-eval") + 2]
+    proc = _run("pipeline.py", "--out", str(out), "--resume", *rm_budget, *OVEROPTIMISE_ARGS, timeout=2400)
+    assert "PPO (worst of 3 reward models)" in proc.stdout
+    assert not (out / "dpo").exists() and not (out / "grpo").exists()  # the preset skips DPO and the online methods
+    assert all(m.get("kl/coef", 0.0) == 0.0 for m in _jsonl(out / "ppo" / "metrics.jsonl"))  # beta = 0
+    for seed in (1, 2):  # the members: the same budget, other run seeds
+        assert json.loads((out / "ensemble" / f"seed{seed}" / "rm" / "eval.json").read_text())["accuracy"] > 0.65
+    curves = json.loads((out / "results.json").read_text())["overoptimisation"]
+    assert {"PPO", "PPO (RM ensemble)", "best-of-n", "best-of-n (RM ensemble)"} <= set(curves), sorted(curves)
+
+    def column(name, key):
+        return np.array([p[key] for p in curves[name]["points"]])
+
+    gold, proxy = column("PPO", "gold"), column("PPO", "proxy")
+    peak = int(np.argmax(gold))
+    assert 0 < peak < len(gold) - 1, gold  # an interior gold peak ...
+    assert gold[-1] < gold[peak] - 0.5, gold  # ... that gold falls well below by the end (the curve turns)
+    assert proxy[-1] > proxy[peak] + 0.5, proxy  # while the proxy keeps rising past it
+    assert column("PPO", "d")[-1] > column("PPO", "d")[peak]  # further from SFT, not back towards it
+    ensemble_gold = column("PPO (RM ensemble)", "gold")
+    assert ensemble_gold.max() >= gold.max(), (ensemble_gold, gold)
+    assert curves["PPO"]["peak_gold"]["gold"] == pytest.approx(gold.max()) and curves["PPO"]["peak_gold"]["step"] == 3 * peak
+    for name in ("PPO", "PPO (RM ensemble)"):
+        assert np.isfinite(curves[name]["fit_gold"]["alpha"]), curves[name]
+
+
 def test_exported_policy_loads_in_transformers(pipeline_run):
     import torch
     import transformers
