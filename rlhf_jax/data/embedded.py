@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from rlhf_jax.data.simulated import world
 
@@ -80,8 +80,11 @@ def build_tokenizer(corpus: Sequence[str], vocab_size: int = VOCAB_SIZE) -> PreT
                                    chat_template=CHAT_TEMPLATE, padding_side="left", model_max_length=MODEL["max_position_embeddings"])
 
 
-def model_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    """The tiny Llama config for ``tokenizer`` (vocabulary rounded up to a multiple of 64)."""
+def model_config(tokenizer: PreTrainedTokenizerFast) -> Any:
+    """The tiny Llama config (a ``transformers.LlamaConfig``) for ``tokenizer`` (vocabulary rounded up to a multiple
+    of 64). Imported here, not at the top: ``LlamaConfig`` imports torch (seconds), which only a build needs."""
+    from transformers import LlamaConfig
+
     vocab = -(-len(tokenizer) // 64) * 64
     return LlamaConfig(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, **MODEL)

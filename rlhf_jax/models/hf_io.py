@@ -371,4 +371,19 @@ def load_tokenizer(path: str | pathlib.Path) -> Any:
         return gguf.gguf_tokenizer(gguf_path)
     import transformers  # noqa: PLC0415
 
+    if _plain_fast_tokenizer(pathlib.Path(path)):  # what AutoTokenizer would build, without importing torch (seconds)
+        return transformers.PreTrainedTokenizerFast.from_pretrained(str(path))
     return transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+"""``tokenizer_class`` values for which ``AutoTokenizer`` builds the generic fast tokenizer (no model-specific
+subclass): ``load_tokenizer`` builds it directly. Every other class goes through ``AutoTokenizer``."""
+
+
+def _plain_fast_tokenizer(directory: pathlib.Path) -> bool:
+    """``directory`` is local, has ``tokenizer.json`` and its ``tokenizer_config.json`` names a plain class."""
+    config = directory / "tokenizer_config.json"
+    if not (directory / "tokenizer.json").is_file() or not config.is_file():
+        return False
+    return json.loads(config.read_text()).get("tokenizer_class") in PLAIN_TOKENIZER_CLASSES
