@@ -207,7 +207,7 @@ def test_iterated_dpo_rounds_continue_the_latest_dpo_policy(pipeline_run, tmp_pa
 # --preset overoptimise (PPO with no KL penalty, a worst-case ensemble of three reward models beside the single one) on
 # the fixture's SFT and reward model, at a small budget: PPO's learning rate raised so that 18 iterations reach the
 # KL (tens of nats) where the single reward model's gold collapses; the two extra members are trained at the
-# fixture's reward-model budget (weaker members do not protect: at 40 steps the worst case collapses as well).
+# fixture's reward-model budget (weaker members do not protect: at 40 steps the worst case falls as well).
 OVEROPTIMISE_ARGS = ["--preset", "overoptimise", "--ppo.iterations", "18", "--ppo.rollout-prompts", "32",
                      "--ppo.eval-every", "3", "--ppo.num-eval-prompts", "64", "--ppo.optim.learning-rate", "3e-4",
                      "--ppo.run.save-every", "100", "--bon.n", "4", "--bon.num-eval-prompts", "32", "--bon.curve-n", "4",

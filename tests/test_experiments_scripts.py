@@ -40,7 +40,9 @@ def _finished_checkpoints(folder: pathlib.Path) -> list[int]:
 
 
 def test_each_script_cli(base_run, tmp_path):
-    """Every script runs alone from the command line with tiny arguments (on a copy of the run)."""
+    """Every script runs alone from the command line with tiny arguments (on a copy of the run). PPO and DPO run on a
+    two-device mesh: they start the policy and the frozen reference from the same loaded checkpoint, and on a
+    multi-device mesh those must still get separate buffers, or the donated train step fails."""
     out = tmp_path / "run"
     shutil.copytree(base_run / "sft" / "hf", out / "sft" / "hf")
     shutil.copytree(base_run / "rm" / "hf", out / "rm" / "hf")
@@ -52,8 +54,10 @@ def test_each_script_cli(base_run, tmp_path):
          "--normalize-samples", "16", "--data.num-train", "64", "--data.num-eval", "16", "--loss", "bt_centered",
          "--run.out", str(tmp_path / "rm_only"), "--model.path", str(out / "sft" / "hf"))
     assert json.loads((tmp_path / "rm_only" / "rm" / "eval.json").read_text())["gain"] > 0
-    _run("ppo.py", *common, "--iterations", "2", "--rollout-prompts", "8", "--num-minibatches", "2",
-         "--epochs", "1", "--eval-every", "2", "--num-eval-prompts", "8", "--critic", "separate", "--kl.adaptive")
+    proc = _run("ppo.py", *common, "--iterations", "2", "--rollout-prompts", "8", "--num-minibatches", "2",
+                "--epochs", "1", "--eval-every", "2", "--num-eval-prompts", "8", "--critic", "separate", "--kl.adaptive",
+                host_devices=2)
+    assert "[ppo] step 2" in proc.stdout and (out / "ppo" / "hf" / "model.safetensors").exists()
     proc = _run("grpo.py", *common, "--algo", "dapo", "--iterations", "2", "--rollout-prompts", "4", "--num-minibatches",
                 "2", "--epochs", "1", "--eval-every", "0", "--reward", "rlhf_jax.rewards:gold=0.5",
                 "--reward-model-weight", "1")
@@ -64,25 +68,10 @@ def test_each_script_cli(base_run, tmp_path):
          "--num-minibatches", "2", "--epochs", "1", "--eval-every", "2", "--num-eval-prompts", "8")
     assert (out / "online_dpo" / "hf" / "model.safetensors").exists()
     _run("dpo.py", *common, "--steps", "3", "--eval-every", "3", "--batch-size", "8", "--variant", "ipo",
-         "--data.num-train", "64", "--data.num-eval", "16", "--num-eval-prompts", "8")
+         "--data.num-train", "64", "--data.num-eval", "16", "--num-eval-prompts", "8", host_devices=2)
     assert (out / "dpo_ipo" / "hf" / "model.safetensors").exists()
     proc = _run("best_of_n.py", *common, "--n", "2", "--num-eval-prompts", "8")
     assert "n=2" in proc.stdout
-
-
-def test_scripts_on_a_two_device_mesh(base_run, tmp_path):
-    """PPO and DPO start the policy and the frozen reference from the same loaded checkpoint; on a
-    multi-device mesh they must still get separate buffers, or the donated train step fails."""
-    out = tmp_path / "run"
-    shutil.copytree(base_run / "sft" / "hf", out / "sft" / "hf")
-    shutil.copytree(base_run / "rm" / "hf", out / "rm" / "hf")
-    common = ["--run.out", str(out)]
-    proc = _run("ppo.py", *common, "--iterations", "2", "--rollout-prompts", "8", "--num-minibatches", "2",
-                "--epochs", "1", "--eval-every", "2", "--num-eval-prompts", "8", host_devices=2)
-    assert "[ppo] step 2" in proc.stdout
-    _run("dpo.py", *common, "--steps", "2", "--eval-every", "2", "--batch-size", "8", "--data.num-train", "32",
-         "--data.num-eval", "16", "--num-eval-prompts", "8", host_devices=2)
-    assert (out / "dpo" / "hf" / "model.safetensors").exists()
 
 
 def test_pipeline_resumes_after_kill_during_ppo(base_run, tmp_path):
