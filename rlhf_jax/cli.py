@@ -30,6 +30,10 @@ class ModelArgs:
     """Activation dtype (log-probs and losses are always float32)."""
     remat: bool = False
     """Rematerialise each layer in the backward pass (less memory, more compute)."""
+    logits_chunk: Literal["auto"] | int | None = "auto"
+    """Training log-probs and cross-entropy from hidden states, this many positions at a time, never forming the
+    (batch, length, vocabulary) float32 logits: less memory, one more head matmul in the backward pass. None: the
+    full logits; "auto": full logits up to 256 MiB, chunks of at most 256 MiB beyond (models.ModelConfig)."""
     chat_template: Literal["auto", "on", "off"] = "auto"
     """Text prompts through the tokenizer's chat template (as messages: a "Human:/Assistant:" or
     "Customer:/Agent:" transcript becomes its turns, other text one user turn): "auto" when the tokenizer

@@ -86,7 +86,7 @@ def embedded_model_config() -> dict[str, Any]:
 
 
 def _architecture(cfg: Any) -> dict[str, Any]:
-    skip = {"compute_dtype", "scan_layers", "remat"}
+    skip = {"compute_dtype", "scan_layers", "remat", "logits_chunk"}
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in skip}
 
 

@@ -25,7 +25,7 @@ def embedded_model_dir() -> pathlib.Path:
 
 def load_lm(args: ModelArgs, key: jax.Array | None = None) -> tuple[models.ModelConfig, Any, Any]:
     """``(cfg, params, tokenizer)`` from ``args.path``, or a randomly initialised embedded model."""
-    overrides = dict(compute_dtype=DTYPES[args.compute_dtype], remat=args.remat)
+    overrides = dict(compute_dtype=DTYPES[args.compute_dtype], remat=args.remat, logits_chunk=args.logits_chunk)
     if args.path is None:
         path = embedded_model_dir()
         cfg = models.ModelConfig.from_hf_config(json.loads((path / "config.json").read_text()))

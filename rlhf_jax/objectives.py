@@ -36,42 +36,50 @@ def next_token_logps(logits_BTV: jax.Array, input_ids_BT: jax.Array) -> jax.Arra
     return jnp.pad(logps_BT, ((0, 0), (0, 1)))
 
 
-LOGITS_CHUNK = 32
-"""Positions per chunk of :func:`logps_and_entropy_from_hidden`: the (B, chunk, V) logits of one chunk are
-all that exists at a time (for SmolLM2's 49,152-token vocabulary, 16 rows: 100 MB instead of 350 MB
-for 112 positions), in the forward pass and, rematerialised, in the backward pass."""
+FROM_CONFIG = "config"
+"""``chunk=`` default of the functions below: ``models.logits_chunk`` (the config's ``logits_chunk``)."""
+
+
+def _chunk(cfg: models.ModelConfig, chunk: int | str | None, hidden_BTD: jax.Array) -> int | None:
+    return models.logits_chunk(cfg, *hidden_BTD.shape[:2]) if chunk == FROM_CONFIG else chunk
+
+
+def next_token_logps_from_hidden(cfg: models.ModelConfig, params: Params, hidden_BTD: jax.Array,
+                                 input_ids_BT: jax.Array, chunk: int | str | None = FROM_CONFIG) -> jax.Array:
+    """:func:`next_token_logps` of the logits ``hidden_BTD · models.lm_head(cfg, params)``: with ``chunk``
+    positions per chunk, never forming the (B, T, V) logits (``ops.chunked_token_logps``); None: from the
+    full logits; by default ``models.logits_chunk(cfg, B, T)``. Last column 0."""
+    chunk = _chunk(cfg, chunk, hidden_BTD)
+    if chunk is None:
+        return next_token_logps(models.unembed(cfg, params, hidden_BTD), input_ids_BT)
+    targets_BT = jnp.pad(input_ids_BT[:, 1:], ((0, 0), (0, 1)))
+    logps_BT = ops.chunked_token_logps(hidden_BTD, models.lm_head(cfg, params), targets_BT, chunk=chunk)
+    return logps_BT.at[:, -1].set(0.0)  # the last column predicts nothing
 
 
 def logps_and_entropy_from_hidden(cfg: models.ModelConfig, params: Params, hidden_BTD: jax.Array,
-                                  input_ids_BT: jax.Array, chunk: int = LOGITS_CHUNK) -> tuple[jax.Array, jax.Array]:
-    """``(logps_BT, entropy_BT)`` of :func:`next_token_logps` and ``ops.entropy_from_logits`` from the final
-    hidden states, unembedding ``chunk`` positions at a time (``lax.map`` of a ``jax.checkpoint``ed
-    chunk), so the full (B, T, V) logits are never formed. Same values as the unchunked computation."""
-    B, T, D = hidden_BTD.shape
-    n = -(-T // chunk)
-    pad = n * chunk - T
-    targets_BT = jnp.pad(input_ids_BT[:, 1:], ((0, 0), (0, 1 + pad)))
-    h_NBCD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
-    y_NBC = targets_BT.reshape(B, n, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one(args):
-        h_BCD, y_BC = args
-        logits_BCV = models.unembed(cfg, params, h_BCD)
-        return ops.token_logps(logits_BCV, y_BC), ops.entropy_from_logits(logits_BCV)
-
-    logps_NBC, entropy_NBC = jax.lax.map(one, (h_NBCD, y_NBC))
-    unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]  # noqa: E731
-    logps_BT = unchunk(logps_NBC).at[:, -1].set(0.0)  # the last column predicts nothing
-    return logps_BT, unchunk(entropy_NBC)
+                                  input_ids_BT: jax.Array, chunk: int | str | None = FROM_CONFIG
+                                  ) -> tuple[jax.Array, jax.Array]:
+    """``(logps_BT, entropy_BT)`` of :func:`next_token_logps` and ``ops.entropy_from_logits`` of the logits
+    ``hidden_BTD · models.lm_head(cfg, params)``: with ``chunk`` positions per chunk
+    (``ops.chunked_token_logps_and_entropy``: no (B, T, V) logits, forward or backward), None: from the
+    full logits; by default ``models.logits_chunk(cfg, B, T)``. Same values and gradients either way."""
+    chunk = _chunk(cfg, chunk, hidden_BTD)
+    if chunk is None:
+        logits_BTV = models.unembed(cfg, params, hidden_BTD)
+        return next_token_logps(logits_BTV, input_ids_BT), ops.entropy_from_logits(logits_BTV)
+    targets_BT = jnp.pad(input_ids_BT[:, 1:], ((0, 0), (0, 1)))
+    logps_BT, entropy_BT = ops.chunked_token_logps_and_entropy(hidden_BTD, models.lm_head(cfg, params), targets_BT,
+                                                               chunk=chunk)
+    return logps_BT.at[:, -1].set(0.0), entropy_BT
 
 
 def token_logps(cfg: models.ModelConfig, params: Params, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
                 positions_BT: jax.Array | None = None) -> jax.Array:
-    """Per-token log-probs of ``input_ids_BT`` under the LM (see :func:`next_token_logps`), the logits
-    formed a chunk of positions at a time (:func:`logps_and_entropy_from_hidden`)."""
+    """Per-token log-probs of ``input_ids_BT`` under the LM (see :func:`next_token_logps`), the logits formed a
+    chunk of positions at a time when ``models.logits_chunk`` says so (:func:`next_token_logps_from_hidden`)."""
     hidden_BTD = models.forward_hidden(cfg, params, input_ids_BT, attention_mask_BT, positions_BT)
-    return logps_and_entropy_from_hidden(cfg, params, hidden_BTD, input_ids_BT)[0]
+    return next_token_logps_from_hidden(cfg, params, hidden_BTD, input_ids_BT)
 
 
 def sequence_logps(cfg: models.ModelConfig, params: Params, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
@@ -116,16 +124,40 @@ def _has_tokens(mask_BT: jax.Array) -> jax.Array:
 # --- Objectives ---------------------------------------------------------------------------------
 
 
+def _sft_loss_options(loss_fn: Callable) -> dict[str, Any] | None:
+    """The keyword options of ``loss_fn`` when it is ``losses.sft_loss`` or a ``functools.partial`` of it
+    binding keywords only (``z_loss``, ``label_smoothing``); None for any other loss."""
+    if loss_fn is losses.sft_loss:
+        return {}
+    if isinstance(loss_fn, functools.partial) and loss_fn.func is losses.sft_loss and not loss_fn.args:
+        return dict(loss_fn.keywords)
+    return None
+
+
 def sft_objective(params: Params, frozen: Params, batch: SFTBatch, *, model_cfg: models.ModelConfig,
                   loss_fn: Callable = losses.sft_loss) -> tuple[jax.Array, Metrics]:
     """Next-token cross-entropy on the batch's loss mask.
 
     Packed rows (several ``segment_ids``) restart ``positions_BT`` per example and attend only
     within their own segment, so each example scores as it would alone in a row.
+
+    With ``models.logits_chunk`` set (the config's ``logits_chunk`` for this batch) and ``loss_fn`` =
+    ``losses.sft_loss`` (or a ``functools.partial`` of it setting its options), the loss's per-token terms
+    (``losses.sft_token_terms``) are formed that many positions at a time from the hidden states
+    (``ops.chunked_logits_map``) and the (B, T, V) logits never exist; any other ``loss_fn`` receives the
+    full logits ``(logits_BTV[:, :-1], targets_BT, loss_mask_BT)``.
     """
-    logits_BTV = models.forward(model_cfg, params, batch.input_ids_BT, batch.attention_mask_BT, batch.positions_BT,
-                                segment_ids_BT=batch.segment_ids_BT)
-    return loss_fn(logits_BTV[:, :-1], batch.input_ids_BT[:, 1:], batch.loss_mask_BT[:, :-1])
+    hidden_BTD = models.forward_hidden(model_cfg, params, batch.input_ids_BT, batch.attention_mask_BT,
+                                       batch.positions_BT, segment_ids_BT=batch.segment_ids_BT)
+    chunk = models.logits_chunk(model_cfg, batch.input_ids_BT.shape[0], batch.input_ids_BT.shape[1] - 1)
+    options = _sft_loss_options(loss_fn)
+    if chunk is None or options is None:
+        logits_BTV = models.unembed(model_cfg, params, hidden_BTD)
+        return loss_fn(logits_BTV[:, :-1], batch.input_ids_BT[:, 1:], batch.loss_mask_BT[:, :-1])
+    terms_fn = functools.partial(losses.sft_token_terms, keys=losses.sft_terms_needed(**options))
+    terms = ops.chunked_logits_map(terms_fn, hidden_BTD[:, :-1], models.lm_head(model_cfg, params),
+                                   batch.input_ids_BT[:, 1:], chunk=chunk)
+    return losses.sft_loss_from_terms(terms, batch.loss_mask_BT[:, :-1], **options)
 
 
 def reward_objective(params: Params, frozen: Params, batch: PairBatch, *, model_cfg: models.ModelConfig,

@@ -1,7 +1,12 @@
 """Masked reductions and token-level log-probability helpers, all in float32.
 
-Every function takes an explicit mask (1.0 = the position counts, 0.0 = padding; fractional
+Every reduction takes an explicit mask (1.0 = the position counts, 0.0 = padding; fractional
 values act as weights). Reductions over an empty mask return 0, never NaN.
+
+The ``chunked_*`` functions take the LM head's input ``hidden_BTD`` and matrix ``head_DV`` instead of
+logits and form ``logits = hidden · head`` a chunk of positions at a time (TRL's fused LM head, Liger's
+fused linear cross-entropy): the full (B, T, V) float32 logits exist neither in the forward nor in the
+backward pass. Their values equal the functions of the full logits they are named after.
 """
 from __future__ import annotations
 
@@ -132,6 +137,64 @@ def sequence_logps(logps_BT, mask_BT, *, average: bool = False) -> jax.Array:
     if average:
         return masked_mean(logps_BT, mask_BT, axis=-1)
     return masked_sum(logps_BT, mask_BT, axis=-1)
+
+
+# --- The same quantities from the LM head's input, a chunk of positions at a time --------------
+
+
+def chunked_logits_map(fn, hidden_BTD, head_DV, targets_BT, *, chunk: int):
+    """``fn(logits_BCV, targets_BC)`` over the logits ``hidden · head`` of ``chunk`` positions at a time,
+    its per-token outputs put back together along T.
+
+    ``fn`` maps float32 logits (B, C, V) and their targets (B, C) to a pytree of (B, C) arrays; the result
+    is the same pytree of (B, T) arrays, equal to ``fn(hidden_BTD @ head_DV, targets_BT)`` (up to the
+    rounding of the matmul). The last chunk is padded (zero hidden states, target 0) and the padding cut
+    off, so ``chunk`` need not divide T. Each chunk is a ``jax.checkpoint``ed step of ``lax.map``: the
+    backward pass recomputes one chunk's logits at a time, so at most one (B, C, V) block of logits and
+    its gradient exist at once (memory O(B·C·V) instead of O(B·T·V), for one more (B·T, D)×(D, V) matmul).
+
+    The batch axis stays whole inside each chunk, so a batch sharded over devices stays sharded, and a
+    head sharded over its V axis gives logits sharded over V (the softmax reductions become collectives).
+    ``hidden_BTD`` and ``head_DV`` are multiplied in their dtype with float32 accumulation and output
+    (as ``models.unembed``); gradients reach both.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunked_logits_map: chunk must be >= 1, got {chunk}")
+    B, T, D = hidden_BTD.shape
+    if targets_BT.shape != (B, T):
+        raise ValueError(f"chunked_logits_map: targets_BT {targets_BT.shape} must be hidden_BTD's (B, T) = {(B, T)}")
+    if head_DV.ndim != 2 or head_DV.shape[0] != D:
+        raise ValueError(f"chunked_logits_map: head_DV {head_DV.shape} must be (D, V) with D = {D} (hidden_BTD {hidden_BTD.shape})")
+    chunk = min(chunk, T)
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    h_NBCD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
+    y_NBC = jnp.pad(jnp.asarray(targets_BT), ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        h_BCD, y_BC = args
+        logits_XV = jnp.matmul(h_BCD.reshape(B * chunk, D), head_DV, preferred_element_type=jnp.float32)
+        return fn(logits_XV.reshape(B, chunk, -1), y_BC)
+
+    out_NBC = jax.lax.map(one, (h_NBCD, y_NBC))
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(B, n * chunk)[:, :T], out_NBC)
+
+
+def chunked_token_logps(hidden_BTD, head_DV, targets_BT, *, chunk: int) -> jax.Array:
+    """``logps_BT = log softmax(hidden_BTD · head_DV)[targets_BT]`` per token, float32: :func:`token_logps`
+    of the logits ``hidden · head`` (B, T, V), formed ``chunk`` positions at a time
+    (:func:`chunked_logits_map`). ``hidden_BTD[:, t]`` must already be the state that predicts
+    ``targets_BT[:, t]`` (shifted by the caller)."""
+    return chunked_logits_map(token_logps, hidden_BTD, head_DV, targets_BT, chunk=chunk)
+
+
+def chunked_token_logps_and_entropy(hidden_BTD, head_DV, targets_BT, *, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """``(logps_BT, entropy_BT)``: :func:`chunked_token_logps` and the per-token entropy
+    ``H = logsumexp(z) − Σ_v softmax(z)_v z_v`` of :func:`entropy_from_logits`, z = ``hidden_BTD · head_DV``,
+    from one pass over the chunks (each chunk's logits formed once)."""
+    return chunked_logits_map(lambda z, y: (token_logps(z, y), entropy_from_logits(z)),
+                              hidden_BTD, head_DV, targets_BT, chunk=chunk)
 
 
 AGGREGATIONS: tuple[str, ...] = tuple(registry.AGGREGATIONS._entries)

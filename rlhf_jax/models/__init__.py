@@ -3,6 +3,8 @@
     cfg, params = models.load_pretrained("path/to/hf_dir")   # or a .gguf file (dequantised)
     tokenizer = models.load_tokenizer("path/to/hf_dir")       # same paths
     logits_BTV = models.forward(cfg, params, input_ids_BT, attention_mask_BT)
+    hidden_BTD = models.forward_hidden(cfg, params, input_ids_BT, attention_mask_BT)   # logits = hidden · head:
+    head_DV = models.lm_head(cfg, params)                     # for ops.chunked_* (no (B, T, V) logits)
     cache = models.init_cache(cfg, batch_size, max_len)
     logits_BTV, cache = models.prefill(cfg, params, prompt_ids_BT, prompt_mask_BT, cache)
     logits_BV, cache = models.decode_step(cfg, params, cache, token_ids_B)
@@ -16,6 +18,8 @@ from rlhf_jax.models.decoder import (
     forward_hidden,
     grow_cache,
     init_cache,
+    lm_head,
+    logits_chunk,
     positions_from_mask,
     prefill,
     rope_inv_freq,
@@ -38,6 +42,8 @@ __all__ = [
     "grow_cache",
     "init_cache",
     "init_params",
+    "lm_head",
+    "logits_chunk",
     "init_scalar_head",
     "load_pretrained",
     "load_tokenizer",

@@ -39,6 +39,12 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 """MLP non-linearities by their Hugging Face ``hidden_act`` / ``activation_function`` names."""
 SUPPORTED_ACTIVATIONS = tuple(ACTIVATIONS)
 
+AUTO_LOGITS_BYTES = 256 * 2**20
+"""``logits_chunk="auto"``: the full float32 logits of a batch are formed when they take at most this many
+bytes (B·T·V·4), else chunks of at most this size each. Measured on SmolLM2-135M (V 49,152; see
+``benchmarks/fused_logps.py`` and the README): below it chunking saves little memory and costs time on
+CPU (the backward pass recomputes each chunk's logits, and small chunks make slow matmuls)."""
+
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -119,6 +125,10 @@ class ModelConfig:
     """Run the stacked layers with ``lax.scan`` (one compiled layer) rather than unrolled."""
     remat: bool = False
     """Rematerialise each layer in the backward pass (``jax.checkpoint``): less memory, more compute."""
+    logits_chunk: int | str | None = "auto"
+    """Log-probs and cross-entropy of the training objectives from the hidden states, this many positions at
+    a time, never forming the (B, T, V) logits (``ops.chunked_logits_map``); None: the full logits; "auto":
+    the full logits up to ``AUTO_LOGITS_BYTES``, chunks of at most that size beyond (``decoder.logits_chunk``)."""
 
     def __post_init__(self):
         object.__setattr__(self, "compute_dtype", np.dtype(jnp.dtype(self.compute_dtype)))
@@ -131,6 +141,8 @@ class ModelConfig:
             (self.n_heads % self.n_kv_heads == 0, f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"),
             (self.position_type != "rope" or (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0),
              f"rotary_dim={self.rotary_dim} must be even and in (0, head_dim={self.head_dim}]"),
+            (self.logits_chunk in ("auto", None) or (isinstance(self.logits_chunk, int) and self.logits_chunk >= 1),
+             f"logits_chunk must be 'auto', None or a positive int, got {self.logits_chunk!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from rlhf_jax.models.config import ACTIVATIONS, ModelConfig
+from rlhf_jax.models.config import ACTIVATIONS, AUTO_LOGITS_BYTES, ModelConfig
 from rlhf_jax.models.params import Params
 
 
@@ -273,15 +273,36 @@ def _embed(cfg: ModelConfig, params: Params, input_ids_BT, positions_BT) -> jax.
     return x_BTD.astype(cfg.compute_dtype)
 
 
-def unembed(cfg: ModelConfig, params: Params, hidden_BTD: jax.Array) -> jax.Array:
-    """Float32 logits: hidden · lm_head, or hidden · embeddingᵀ when tied (2-D matmul, as in ``_dense``)."""
-    B, T, D = hidden_BTD.shape
+def lm_head(cfg: ModelConfig, params: Params) -> jax.Array:
+    """The output head ``head_DV`` in ``cfg.compute_dtype``: ``lm_head.kernel``, or ``embeddingᵀ`` when the
+    embeddings are tied. ``logits_BTV = forward_hidden(...) · lm_head(...)`` exactly: no family here has a
+    head bias, logit scale or soft-cap, and LoRA adapts only the layers' projections (``lora.TARGETS``),
+    never the head. Gradients flow back to the embedding when tied."""
     if cfg.tie_embeddings:
-        kernel_DV = params["embed"]["embedding"].astype(cfg.compute_dtype).T
-    else:
-        kernel_DV = params["lm_head"]["kernel"].astype(cfg.compute_dtype)
-    logits_NV = jnp.matmul(hidden_BTD.reshape(B * T, D), kernel_DV, preferred_element_type=jnp.float32)
+        return params["embed"]["embedding"].astype(cfg.compute_dtype).T
+    return params["lm_head"]["kernel"].astype(cfg.compute_dtype)
+
+
+def unembed(cfg: ModelConfig, params: Params, hidden_BTD: jax.Array) -> jax.Array:
+    """Float32 logits ``hidden_BTD · lm_head(cfg, params)`` (one 2-D matmul, as in ``_dense``)."""
+    B, T, D = hidden_BTD.shape
+    logits_NV = jnp.matmul(hidden_BTD.reshape(B * T, D), lm_head(cfg, params), preferred_element_type=jnp.float32)
     return logits_NV.reshape(B, T, -1)
+
+
+def logits_chunk(cfg: ModelConfig, batch: int, length: int) -> int | None:
+    """Positions per chunk for log-probs and cross-entropy of ``batch`` rows of ``length`` positions computed
+    from hidden states (``ops.chunked_*``), or None to form the full (B, T, V) logits: ``cfg.logits_chunk``,
+    with "auto" resolved from the size of the float32 logits, ``batch·length·vocab·4`` bytes: None up to
+    ``AUTO_LOGITS_BYTES``; beyond, the fewest chunks of at most that size, of equal length (so the padding
+    of the last one is small). ``batch`` counts all rows of the traced (global) batch."""
+    if cfg.logits_chunk != "auto":
+        return cfg.logits_chunk
+    row_bytes = batch * cfg.vocab_size * 4  # one position of every row
+    if length * row_bytes <= AUTO_LOGITS_BYTES:
+        return None
+    n = -(-length // max(1, AUTO_LOGITS_BYTES // row_bytes))
+    return -(-length // n)
 
 
 def _check_inputs(name: str, input_ids_BT, attention_mask_BT, positions_BT=None) -> None:
