@@ -205,10 +205,12 @@ def test_iterated_dpo_rounds_continue_the_latest_dpo_policy(pipeline_run, tmp_pa
 
 
 # --preset overoptimise (PPO with no KL penalty, a worst-case ensemble of three reward models beside the single one) on
-# the fixture's SFT and reward model, at a small budget: PPO's learning rate raised so that 18 iterations reach the
-# KL (tens of nats) where the single reward model's gold collapses; the two extra members are trained at the
-# fixture's reward-model budget (weaker members do not protect: at 40 steps the worst case falls as well).
-OVEROPTIMISE_ARGS = ["--preset", "overoptimise", "--ppo.iterations", "18", "--ppo.rollout-prompts", "32",
+# the fixture's SFT and reward model, at a small budget: PPO's learning rate raised so that 24 iterations reach the
+# KL (tens of nats) where the single reward model's gold falls; the two extra members are trained at the fixture's
+# reward-model budget (weaker members do not protect: at 40 steps the worst case falls as well). PPO without a KL
+# penalty at this learning rate is chaotic (float-rounding differences change where gold peaks), so the margins are
+# set from two runs that differ only in rounding (full and chunked logits): gold fell 0.58 and 0.95 below its peak.
+OVEROPTIMISE_ARGS = ["--preset", "overoptimise", "--ppo.iterations", "24", "--ppo.rollout-prompts", "32",
                      "--ppo.eval-every", "3", "--ppo.num-eval-prompts", "64", "--ppo.optim.learning-rate", "3e-4",
                      "--ppo.run.save-every", "100", "--bon.n", "4", "--bon.num-eval-prompts", "32", "--bon.curve-n", "4",
                      "--bon.curve-prompts", "16"]
@@ -237,7 +239,7 @@ def test_overoptimise_preset_turns_and_the_worst_case_ensemble_keeps_gold(pipeli
     gold, proxy = column("PPO", "gold"), column("PPO", "proxy")
     peak = int(np.argmax(gold))
     assert 0 < peak < len(gold) - 1, gold  # an interior gold peak ...
-    assert gold[-1] < gold[peak] - 0.5, gold  # ... that gold falls well below by the end (the curve turns)
+    assert gold[-1] < gold[peak] - 0.25, gold  # ... that gold falls below by the end (the curve turns)
     assert proxy[-1] > proxy[peak] + 0.5, proxy  # while the proxy keeps rising past it
     assert column("PPO", "d")[-1] > column("PPO", "d")[peak]  # further from SFT, not back towards it
     ensemble_gold = column("PPO (RM ensemble)", "gold")
