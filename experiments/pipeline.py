@@ -65,6 +65,9 @@ class PipelineConfig:
     """Best-of-n; with the curve of n = 1..256 on 64 held-out prompts (the over-optimisation plot's BoN line)."""
     skip_dpo: bool = False
     skip_best_of_n: bool = False
+    stop_after: Literal["rm"] | None = None
+    """"rm": stop after the SFT and reward-model stages (no report): train them once, then try RL settings on
+    copies of the folder with --resume, which keeps them."""
     rm_ensemble: int = 0
     """k >= 2: also train k - 1 more reward models on the same comparisons (run seeds 1..k-1: head init, batch order)
     into <out>/ensemble/seed<s>/rm, and run PPO and best-of-n again judged by the ensemble of all k
@@ -194,6 +197,9 @@ def main(cfg: PipelineConfig) -> dict:
     timings: dict[str, float] = {}
     results = {"sft": _stage("SFT", "sft", sft.main, cfg.sft, cfg, timings)}
     results["rm"] = _stage("reward model", "rm", reward_model.main, cfg.rm, cfg, timings)
+    if cfg.stop_after == "rm":
+        print(f"[pipeline] stopped after the reward model (--stop-after rm): {cfg.out}", flush=True)
+        return results
     results["ppo"] = _stage("PPO", "ppo", ppo_main, cfg.ppo, cfg, timings)
     if not cfg.skip_online:
         results["grpo"] = _stage("GRPO", "grpo", ppo_main, cfg.grpo, cfg, timings)

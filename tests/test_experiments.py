@@ -1,7 +1,9 @@
 """The pipeline script end to end, in a subprocess, on the embedded default with small budgets.
 
 One small pipeline run (module fixture) is shared: its report and results are checked and its
-exports are loaded in transformers; the iterated rounds (PPO and DPO) continue it with --resume.
+exports are loaded in transformers; the iterated rounds (PPO and DPO) continue it with --resume. Its SFT and
+reward model come from ``pipeline_models`` (pipeline.py --stop-after rm, made once per test session and shared
+with tests/test_overoptimise_preset.py).
 Each stage script's own CLI, a mesh run, kill and --resume and the scripts on a user's files are in
 tests/test_experiments_scripts.py, so that `pytest -n 2 --dist loadfile` runs them beside this file.
 """
@@ -60,10 +62,37 @@ def _run(script: str, *args: str, timeout: int = 900, host_devices: int | None =
     return proc
 
 
+@pytest.fixture(scope="session")
+def pipeline_models(tmp_path_factory) -> pathlib.Path:
+    """A run folder with the pipeline's sft/ and rm/ at PIPELINE_ARGS' budgets (``pipeline.py --stop-after rm``),
+    made once per test session even when pytest-xdist spreads its users over several workers (the first to get
+    the lock trains them, the others wait and reuse them)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    out = root / "pipeline_models"
+    with FileLock(str(root / "pipeline_models.lock")):
+        if not (out / "rm" / "eval.json").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            proc = _run("pipeline.py", "--out", str(out), "--stop-after", "rm", *PIPELINE_ARGS, timeout=1800)
+            assert "stopped after the reward model" in proc.stdout and not (out / "ppo").exists()
+    return out
+
+
+def copy_stages(src: pathlib.Path, dst: pathlib.Path, stages=("sft", "rm"), checkpoints: bool = True) -> pathlib.Path:
+    """``dst`` with copies of ``src``'s stage folders (which ``pipeline.py --resume`` keeps)."""
+    for stage in stages:
+        shutil.copytree(src / stage, dst / stage, ignore=None if checkpoints else shutil.ignore_patterns("checkpoints"))
+    return dst
+
+
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("pipeline") / "run"
-    _run("pipeline.py", "--out", str(out), *PIPELINE_ARGS, timeout=2700)
+def pipeline_run(pipeline_models, tmp_path_factory) -> pathlib.Path:
+    out = copy_stages(pipeline_models, tmp_path_factory.mktemp("pipeline") / "run")
+    proc = _run("pipeline.py", "--out", str(out), "--resume", *PIPELINE_ARGS, timeout=2700)
+    assert "SFT: finished earlier, kept" in proc.stdout and "reward model: finished earlier, kept" in proc.stdout
     return out
 
 
@@ -202,51 +231,6 @@ def test_iterated_dpo_rounds_continue_the_latest_dpo_policy(pipeline_run, tmp_pa
     assert "DPO round 2" in rows and rows["DPO round 2"]["kl"] > 0, rows
     first = [json.loads(line) for line in (out / "round2" / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert first and all(np.isfinite(m.get("optim/loss", 0.0)) for m in first)
-
-
-# --preset overoptimise (PPO with no KL penalty, a worst-case ensemble of three reward models beside the single one) on
-# the fixture's SFT and reward model, at a small budget: PPO's learning rate raised so that 24 iterations reach the
-# KL (tens of nats) where the single reward model's gold falls; the two extra members are trained at the fixture's
-# reward-model budget (weaker members do not protect: at 40 steps the worst case falls as well). PPO without a KL
-# penalty at this learning rate is chaotic (float-rounding differences change where gold peaks), so the margins are
-# set from two runs that differ only in rounding (full and chunked logits): gold fell 0.58 and 0.95 below its peak.
-OVEROPTIMISE_ARGS = ["--preset", "overoptimise", "--ppo.iterations", "24", "--ppo.rollout-prompts", "32",
-                     "--ppo.eval-every", "3", "--ppo.num-eval-prompts", "64", "--ppo.optim.learning-rate", "3e-4",
-                     "--ppo.run.save-every", "100", "--bon.n", "4", "--bon.num-eval-prompts", "32", "--bon.curve-n", "4",
-                     "--bon.curve-prompts", "16"]
-
-
-def test_overoptimise_preset_turns_and_the_worst_case_ensemble_keeps_gold(pipeline_run, tmp_path):
-    """Gao et al.'s over-optimisation, measured: without a KL penalty PPO's proxy (reward-model) score keeps rising
-    while its gold score peaks and falls; judged by the worst case of three reward models (Coste et al. 2023)
-    PPO's gold peak is at least the single reward model's."""
-    out = tmp_path / "run"
-    for stage in ("sft", "rm"):
-        shutil.copytree(pipeline_run / stage, out / stage, ignore=shutil.ignore_patterns("checkpoints"))
-    rm_budget = PIPELINE_ARGS[PIPELINE_ARGS.index("--rm.steps"):PIPELINE_ARGS.index("--rm.data.num-eval") + 2]
-    proc = _run("pipeline.py", "--out", str(out), "--resume", *rm_budget, *OVEROPTIMISE_ARGS, timeout=2400)
-    assert "PPO (worst of 3 reward models)" in proc.stdout
-    assert not (out / "dpo").exists() and not (out / "grpo").exists()  # the preset skips DPO and the online methods
-    assert all(m.get("kl/coef", 0.0) == 0.0 for m in _jsonl(out / "ppo" / "metrics.jsonl"))  # beta = 0
-    for seed in (1, 2):  # the members: the same budget, other run seeds
-        assert json.loads((out / "ensemble" / f"seed{seed}" / "rm" / "eval.json").read_text())["accuracy"] > 0.65
-    curves = json.loads((out / "results.json").read_text())["overoptimisation"]
-    assert {"PPO", "PPO (RM ensemble)", "best-of-n", "best-of-n (RM ensemble)"} <= set(curves), sorted(curves)
-
-    def column(name, key):
-        return np.array([p[key] for p in curves[name]["points"]])
-
-    gold, proxy = column("PPO", "gold"), column("PPO", "proxy")
-    peak = int(np.argmax(gold))
-    assert 0 < peak < len(gold) - 1, gold  # an interior gold peak ...
-    assert gold[-1] < gold[peak] - 0.25, gold  # ... that gold falls below by the end (the curve turns)
-    assert proxy[-1] > proxy[peak] + 0.5, proxy  # while the proxy keeps rising past it
-    assert column("PPO", "d")[-1] > column("PPO", "d")[peak]  # further from SFT, not back towards it
-    ensemble_gold = column("PPO (RM ensemble)", "gold")
-    assert ensemble_gold.max() >= gold.max(), (ensemble_gold, gold)
-    assert curves["PPO"]["peak_gold"]["gold"] == pytest.approx(gold.max()) and curves["PPO"]["peak_gold"]["step"] == 3 * peak
-    for name in ("PPO", "PPO (RM ensemble)"):
-        assert np.isfinite(curves[name]["fit_gold"]["alpha"]), curves[name]
 
 
 def test_exported_policy_loads_in_transformers(pipeline_run):
