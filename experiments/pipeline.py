@@ -485,10 +485,7 @@ def _cell(value, fmt: str) -> str:
 
 
 def write_report(out: pathlib.Path, results: dict, timings: dict, peaks: dict | None = None) -> pathlib.Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
 
     rows = results_table(results)
     rm = results.get("rm", {})
@@ -519,7 +516,8 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, peaks: dict | 
 
     plotted = [r for r in rows if r["kl"] is not None]
     if plotted:
-        fig, ax = plt.subplots(figsize=(5, 4))
+        fig = Figure(figsize=(5, 4))
+        ax = fig.subplots()
         for r in plotted:
             ax.scatter(r["kl"], r["gold"], s=40)
             ax.annotate(r["method"], (r["kl"], r["gold"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -528,7 +526,6 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, peaks: dict | 
         ax.set_title("Gold score against KL")
         fig.tight_layout()
         fig.savefig(out / "gold_vs_kl.png", dpi=120)
-        plt.close(fig)
         lines += ["", "![gold score against KL](gold_vs_kl.png)"]
 
     over = overoptimisation_curves(out, results)
@@ -553,14 +550,14 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, peaks: dict | 
     available = [(s, k, t, [m for m in read_metrics(out / s) if k in m]) for s, k, t in curves]
     available = [c for c in available if c[3]]
     if available:
-        fig, axes = plt.subplots(1, len(available), figsize=(3.2 * len(available), 3))
+        fig = Figure(figsize=(3.2 * len(available), 3))
+        axes = fig.subplots(1, len(available))
         for ax, (_, key, title, metrics) in zip(list(getattr(axes, "flat", [axes])), available):
             ax.plot([m["step"] for m in metrics], [m[key] for m in metrics])
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step")
         fig.tight_layout()
         fig.savefig(out / "training_curves.png", dpi=110)
-        plt.close(fig)
         lines += ["", "![training curves](training_curves.png)"]
     ev = results.get("ppo", {})
     if ev.get("samples"):
@@ -608,15 +605,13 @@ def _fit_cell(fit: dict) -> str:
 
 def plot_overoptimisation(path: pathlib.Path, curves: dict[str, dict]) -> None:
     """Gold (left) and proxy (right) against d = √KL, points and fitted Gao et al. curves, one colour per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
 
     from rlhf_jax import overoptimisation
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for i, (name, c) in enumerate(curves.items()):
         color = f"C{i % 10}"
         for ax, key in zip(axes, ("gold", "proxy")):
@@ -637,7 +632,6 @@ def plot_overoptimisation(path: pathlib.Path, curves: dict[str, dict]) -> None:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # %%
