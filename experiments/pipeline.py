@@ -604,13 +604,21 @@ def _fit_cell(fit: dict) -> str:
 
 
 def plot_overoptimisation(path: pathlib.Path, curves: dict[str, dict]) -> None:
-    """Gold (left) and proxy (right) against d = √KL, points and fitted Gao et al. curves, one colour per method."""
-    import numpy as np
+    """:func:`draw_overoptimisation` into ``path`` (PNG)."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
+
+    fig = Figure(figsize=(10, 4))
+    draw_overoptimisation(fig, curves)
+    fig.savefig(path, dpi=120)
+
+
+def draw_overoptimisation(fig, curves: dict[str, dict]) -> None:
+    """Gold (left) and proxy (right) against d = √KL, points and fitted Gao et al. curves, one colour per method,
+    drawn on the matplotlib figure ``fig`` (``results.json["overoptimisation"]`` is ``curves``)."""
+    import numpy as np
 
     from rlhf_jax import overoptimisation
 
-    fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2)
     for i, (name, c) in enumerate(curves.items()):
         color = f"C{i % 10}"
@@ -631,7 +639,6 @@ def plot_overoptimisation(path: pathlib.Path, curves: dict[str, dict]) -> None:
         ax.axhline(0, color="grey", lw=0.5)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 # %%

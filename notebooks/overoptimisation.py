@@ -204,22 +204,8 @@ print(f"PPO, worst of 3 reward models: gold peak {ensemble['peak_gold']['gold']:
       f"{ensemble['peak_gold']['step']}, ends {ensemble['points'][-1]['gold']:+.3f}")
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-for i, (name, c) in enumerate(curves.items()):
-    for ax, key in zip(axes, ("gold", "proxy")):
-        d = np.array([p["d"] for p in c["points"]])
-        ax.plot(d, [p[key] for p in c["points"]], "o-" if c["form"] == "rl" else "s:", color=f"C{i}", ms=3, lw=1,
-                label=name)
-        fit = c[f"fit_{key}"]
-        grid = np.linspace(1e-3, d.max(), 100)
-        ax.plot(grid, overoptimisation.gao_curve(c["form"], grid, fit["alpha"], fit["beta"]), "--", color=f"C{i}",
-                lw=0.8, alpha=0.7)
-for ax, title in zip(axes, ("gold score − SFT's", "proxy (reward model) score − SFT's")):
-    ax.set_xlabel("d = √KL(π ‖ π_SFT)")
-    ax.set_title(title, fontsize=10)
-    ax.axhline(0, color="grey", lw=0.5)
-axes[0].legend(fontsize=7)
-fig.tight_layout()
+fig = plt.figure(figsize=(10, 4))
+pipeline.draw_overoptimisation(fig, curves)  # what the pipeline draws into overoptimisation.png
 plt.show()
 
 # %% [markdown]

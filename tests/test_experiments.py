@@ -68,10 +68,9 @@ def pipeline_models(tmp_path_factory) -> pathlib.Path:
     made once per test session even when pytest-xdist spreads its users over several workers (the first to get
     the lock trains them, the others wait and reuse them)."""
     from filelock import FileLock
+    from notebook_runner import session_dir
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the session's folder, above each worker's own
+    root = session_dir(tmp_path_factory)
     out = root / "pipeline_models"
     with FileLock(str(root / "pipeline_models.lock")):
         if not (out / "rm" / "eval.json").exists():
