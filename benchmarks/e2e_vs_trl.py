@@ -39,12 +39,12 @@ run; warm: likewise).
 
 The split: after the timed runs, one cold and one warm (``--split``; the warm ones are left out if they would take
 the benchmark past ``--max-minutes``, the cold ones always run) rlhf_jax run of each script under
-``python -X importtime`` and a small launcher (this file, ``--split-child``) that runs the script with ``runpy``
-and times the library functions the script calls (``tyro.cli``, ``cli.setup``, ``model_io.load_lm``, data building, ``train_loop`` with
-its first step blocked on, ``checkpoint.save``, the HF export) plus JAX's compile events (count, seconds, persistent
-cache hits), so the phases add up to the process's wall time; ``-X importtime``'s self times, summed by top-level
-package, say which packages the imports spend on. TRL's split comes from marks its script takes in every timed
-run (``e2e_trl_side.py``).
+``python -X importtime`` and a small launcher (this file, ``--split-child``) that runs the script with
+``runpy`` and times the library functions the script calls (``tyro.cli``, ``cli.setup``, ``model_io.load_lm``,
+data building, ``train_loop`` with its first step blocked on, ``checkpoint.save``, the HF export) plus JAX's
+compile events (count, seconds, persistent cache hits), so the phases add up to the process's wall time;
+``-X importtime``'s self times, summed by top-level package, say which packages the imports spend on. TRL's split
+comes from marks its script takes in every timed run (``e2e_trl_side.py``).
 
 Results: Markdown tables on stdout and ``benchmarks/results/e2e_vs_trl_<date>.json`` (``--json`` to change); the run
 folders under ``--out`` (default ``/tmp/bench_e2e``, emptied first).
