@@ -34,7 +34,8 @@ def sft_loss(
     z-loss on, ``sft/z_loss`` (mean (log Z)², the term before its coefficient). A term that is off
     reports nothing, so no figure of a disabled term reaches the logs.
     """
-    return sft_loss_from_terms(sft_token_terms(logits_BTV, targets_BT), loss_mask_BT, z_loss=z_loss,
+    keys = sft_terms_needed(z_loss=z_loss, label_smoothing=label_smoothing)
+    return sft_loss_from_terms(sft_token_terms(logits_BTV, targets_BT, keys), loss_mask_BT, z_loss=z_loss,
                                label_smoothing=label_smoothing)
 
 
