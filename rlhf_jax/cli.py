@@ -116,7 +116,8 @@ class SampleArgs:
     top_p: float | None = None
     """Nucleus sampling threshold (None = off)."""
     batch_size: int | None = 64
-    """Prompts per generate call (ppo.py: None = auto, see rlhf_jax.defaults; embedded 64)."""
+    """Prompts per generate call (ppo.py: None = auto, see rlhf_jax.defaults; embedded 64). Fewer prompts than
+    this decode in one call of the smallest power of two rows that holds them (rlhf_jax.sampling.batch_rows)."""
 
 
 RULE_TABLES = {"default": sharding.DEFAULT_RULES, "fsdp": sharding.FSDP_RULES,

@@ -14,17 +14,30 @@ from rlhf_jax.data.sources import announce_truncation
 from rlhf_jax.model_io import eos_ids
 
 
-def prompt_batches(prompts: Sequence[str], tokenizer: Any, sample: SampleArgs) -> list[Any]:
-    """Left-padded PromptBatches of exactly ``sample.batch_size`` rows (the last one padded with empty rows)."""
+def batch_rows(num_prompts: int, batch_size: int, multiple: int = 1) -> int:
+    """Rows of each generate call for ``num_prompts`` prompts: ``batch_size``, or fewer when all the prompts fit
+    in one call: the smallest power of two that holds them, rounded up to a multiple of ``multiple`` (the batch
+    shards of this process's devices), never above ``batch_size``. Evaluating 4 prompts thus decodes 4 rows
+    instead of 64, while the number of distinct batch shapes (compilations) stays logarithmic."""
+    if num_prompts >= batch_size:
+        return batch_size
+    rows = 1 << max(0, num_prompts - 1).bit_length()
+    rows = -(-rows // multiple) * multiple
+    return min(rows, batch_size)
+
+
+def prompt_batches(prompts: Sequence[str], tokenizer: Any, sample: SampleArgs, multiple: int = 1) -> list[Any]:
+    """Left-padded PromptBatches of :func:`batch_rows` rows (the last one padded with empty rows)."""
     report = ValidationReport()
     encoded = encode_prompts([PromptRow(prompt=p) for p in prompts], tokenizer, max_len=sample.max_prompt_len,
                              report=report)
     announce_truncation(report, len(prompts), what="sampled prompts", max_len=sample.max_prompt_len, mode="left",
                         flag="--sample.max-prompt-len")
     batches = []
-    for i in range(0, len(encoded), sample.batch_size):
-        chunk: list[Any] = list(encoded[i:i + sample.batch_size])
-        chunk += [None] * (sample.batch_size - len(chunk))
+    rows = batch_rows(len(encoded), sample.batch_size, multiple)
+    for i in range(0, len(encoded), rows):
+        chunk: list[Any] = list(encoded[i:i + rows])
+        chunk += [None] * (rows - len(chunk))
         batches.append(collate_prompts(chunk, pad_id=tokenizer.pad_token_id, length=sample.max_prompt_len))
     return batches
 
@@ -45,7 +58,8 @@ def sample(cfg: models.ModelConfig, params: Any, tokenizer: Any, prompts: Sequen
     texts: list[list[str]] = []
     rollouts = []
     eos = eos_ids(cfg, tokenizer)
-    for i, batch in enumerate(prompt_batches(prompts, tokenizer, sample_args)):
+    multiple = 1 if mesh is None else max(1, sharding.batch_shards(mesh, rules) // jax.process_count())
+    for i, batch in enumerate(prompt_batches(prompts, tokenizer, sample_args, multiple)):
         batch, empty = _fill_empty_prompts(batch, tokenizer.pad_token_id)
         ids, mask = batch.prompt_ids_BP, batch.prompt_mask_BP
         if mesh is not None:

@@ -128,6 +128,11 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(axes if axes else None))
 
 
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+    """How many ways :func:`shard_batch` splits a global batch (the product of the batch axes' sizes)."""
+    return math.prod(mesh.shape[a] for a in _as_tuple(batch_sharding(mesh, rules).spec[0]))
+
+
 def shard_batch(host_batch: Any, mesh: Mesh, rules: Rules) -> Any:
     """Host-local numpy batch (this process's rows) -> global jax Arrays split along the batch axis.
 
@@ -137,7 +142,7 @@ def shard_batch(host_batch: Any, mesh: Mesh, rules: Rules) -> Any:
     within a host: the device order of :func:`make_mesh`).
     """
     sharding = batch_sharding(mesh, rules)
-    shards = math.prod(mesh.shape[a] for a in _as_tuple(sharding.spec[0]))
+    shards = batch_shards(mesh, rules)
 
     def one(path, x):
         x = np.asarray(x)

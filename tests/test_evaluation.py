@@ -249,3 +249,31 @@ def test_logged_learning_rate_is_the_step_size_adam_applied(accum):
 def test_optimizer_for_fits_a_short_run():
     optim = cli.optimizer_for(OptimizerConfig(warmup_steps=20, total_steps=10_000), 8)
     assert optim.total_steps == 8 and optim.warmup_steps == 7
+
+
+def test_few_prompts_decode_in_a_smaller_batch_with_the_same_samples():
+    """Five prompts with --sample.batch-size 64 decode 8 rows (``sampling.batch_rows``), and each prompt's
+    sample, tokens and log-probs are those of the same key's 64-row call (the rows that used to be empty
+    padding change nothing of the others')."""
+    import jax
+
+    from rlhf_jax import model_io, rollout, sampling
+
+    assert [sampling.batch_rows(n, 64) for n in (1, 2, 3, 5, 8, 9, 33, 64, 100)] == [1, 2, 4, 8, 8, 16, 64, 64, 64]
+    assert sampling.batch_rows(3, 64, multiple=8) == 8 and sampling.batch_rows(9, 12, multiple=8) == 12
+    model_cfg, params, tokenizer = model_io.load_lm(cli.ModelArgs(), jax.random.key(0))
+    prompts = ["the cat sat", "a red ball is", "tell me about dogs", "why", "the old man walked to the"]
+    sample_args = cli.SampleArgs(max_prompt_len=48, max_new_tokens=12, batch_size=64)
+    key = jax.random.key(4)
+    texts, rollouts = sampling.sample(model_cfg, params, tokenizer, prompts, key=key, sample_args=sample_args)
+    assert len(rollouts) == 1 and rollouts[0].response_ids_BR.shape[0] == 8
+    (wide,) = sampling.prompt_batches(prompts, tokenizer, sample_args, multiple=64)
+    wide, _ = sampling._fill_empty_prompts(wide, tokenizer.pad_token_id)
+    r64 = rollout.generate(model_cfg, params, wide.prompt_ids_BP, wide.prompt_mask_BP, key=jax.random.fold_in(key, 0),
+                           max_new_tokens=12, temperature=1.0, top_k=None, top_p=None,
+                           eos_ids=model_io.eos_ids(model_cfg, tokenizer), pad_id=tokenizer.pad_token_id)
+    assert r64.response_ids_BR.shape[0] == 64
+    assert [[t] for t in sampling.decode_responses(tokenizer, r64)[:5]] == texts
+    r8 = rollouts[0]
+    np.testing.assert_array_equal(np.asarray(r8.response_ids_BR)[:5], np.asarray(r64.response_ids_BR)[:5])
+    np.testing.assert_allclose(np.asarray(r8.logps_BR)[:5], np.asarray(r64.logps_BR)[:5], atol=1e-6)
