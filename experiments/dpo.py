@@ -97,6 +97,7 @@ def _main(cfg: DPOConfig):
     prompts = sources.held_out_policy_prompts(cfg.data, eval_rows, cfg.num_eval_prompts, simulated.prompt_rows)
     gold = cfg.gold if cfg.gold is not None else cfg.data.path is None
     policy_eval = None
+    memo: dict = {}  # the reference's held-out samples and scores: sampled once, reused by every evaluation below
     if cfg.policy_eval_every and prompts:
         reward = evaluation.find_reward_model(stage, cfg.run.out, cfg.reward_model, cfg.model, tokenizer)
         sft_reference = model_io.load_lm(dataclasses.replace(cfg.model, path=sft_path))[1] if reference_free else None
@@ -105,7 +106,7 @@ def _main(cfg: DPOConfig):
             reference = sft_reference if reference_free else trainable.reference(state)
             return evaluation.scalars(evaluation.evaluate_policy(
                 model_cfg, trainable.lm(state), reference, tokenizer, prompts, seed=cfg.run.seed + 1000,
-                sample_args=cfg.sample, reward=reward, gold=gold, mesh=mesh, rules=rules))
+                sample_args=cfg.sample, reward=reward, gold=gold, mesh=mesh, rules=rules, reference_memo=memo))
         policy_eval = (cfg.policy_eval_every, evaluate_policy)
     state, last_eval = trainer.train_loop(stage=stage, run=cfg.run, state=state, step_fn=train_step, batches=batches,
                                            num_steps=cfg.steps, mesh=mesh, rules=rules, config=cfg, eval_fn=evaluate,
@@ -120,7 +121,7 @@ def _main(cfg: DPOConfig):
             stage=stage, name=stage.upper(), out=out, step=cfg.steps, model_cfg=model_cfg, policy=trainable.lm(state),
             reference=reference, tokenizer=tokenizer, prompts=prompts, run_out=cfg.run.out, model_args=cfg.model,
             reward_model=cfg.reward_model, sample_args=cfg.sample,
-            gold=gold, seed=cfg.run.seed + 1000, mesh=mesh, rules=rules))
+            gold=gold, seed=cfg.run.seed + 1000, mesh=mesh, rules=rules, reference_memo=memo))
     elif cfg.num_eval_prompts:
         print(f"[{stage}] no held-out prompts (pass --data.eval-path or a --data.eval-fraction > 0): no evaluation",
               flush=True)

@@ -59,7 +59,8 @@ def main(cfg: SFTConfig) -> dict:
 
 def _main(cfg: SFTConfig):
     mesh, rules = cli.setup(cfg.run)
-    model_cfg, params, tokenizer = model_io.load_lm(cfg.model, jax.random.key(cfg.run.seed))
+    from_scratch = cfg.model.path is None and not cfg.lora.enabled  # initialised straight into the shards below
+    model_cfg, params, tokenizer = model_io.load_lm(cfg.model, jax.random.key(cfg.run.seed), init=not from_scratch)
     train_rows = sources.rows_from(cfg.data, "sft", "train", simulated.sft_rows)
     eval_rows = sources.rows_from(cfg.data, "sft", "eval", simulated.sft_rows)
     cfg = resolve_config(cfg, model_cfg, tokenizer, train_rows + eval_rows)  # held-out rows must fit too
@@ -73,7 +74,7 @@ def _main(cfg: SFTConfig):
     optimizer = make_optimizer(optim_cfg)
     axes = models.param_logical_axes(model_cfg)
     trainable = Trainable.create(cfg.lora, model_cfg)
-    if cfg.model.path is None and not trainable.lora_cfg.enabled:  # from scratch: initialise into the shards
+    if from_scratch:
         state = create_train_state(lambda: models.init_params(model_cfg, jax.random.key(cfg.run.seed)),
                                    optimizer, mesh, rules, axes)
     else:

@@ -251,14 +251,24 @@ def compare(prompts: Sequence[Any], policy: Samples, reference: Samples, *, kl: 
 
 def evaluate_policy(cfg: models.ModelConfig, params: Any, ref_params: Any, tokenizer: Any, prompts: Sequence[Any], *,
                     seed: int, sample_args: Any, reward: RewardModel | None = None, gold: bool = False,
-                    mesh=None, rules=None) -> dict[str, Any]:
+                    mesh=None, rules=None, reference_memo: dict | None = None) -> dict[str, Any]:
     """Sample the policy (key ``seed``) and the reference (key ``seed + 1``) on the same held-out
-    prompts and :func:`compare` them, with the Monte-Carlo KL(π ‖ π_ref) of the policy's samples."""
+    prompts and :func:`compare` them, with the Monte-Carlo KL(π ‖ π_ref) of the policy's samples.
+
+    ``reference_memo``: a dict the caller keeps across the evaluations of one run whose reference, prompts,
+    seed, sampling arguments and reward model never change (a frozen reference): the reference's samples and
+    scores are computed at the first call, stored in it, and reused (the same values, without sampling them again).
+    """
 
     policy, rollouts = sample_model(cfg, params, tokenizer, prompts, key=jax.random.key(seed), sample_args=sample_args,
                                     reward=reward, mesh=mesh, rules=rules)
-    reference, _ = sample_model(cfg, ref_params, tokenizer, prompts, key=jax.random.key(seed + 1),
-                                sample_args=sample_args, reward=reward, mesh=mesh, rules=rules)
+    if reference_memo is not None and "reference" in reference_memo:
+        reference = reference_memo["reference"]
+    else:
+        reference, _ = sample_model(cfg, ref_params, tokenizer, prompts, key=jax.random.key(seed + 1),
+                                    sample_args=sample_args, reward=reward, mesh=mesh, rules=rules)
+        if reference_memo is not None:
+            reference_memo["reference"] = reference
     kl = kl_to_reference(cfg, params, ref_params, rollouts)[:len(prompts)]
     return compare(prompts, policy, reference, kl=kl, gold=gold)
 
@@ -353,15 +363,16 @@ def find_reward_model(stage: str, run_out: str, reward_model: str | None, model_
 def evaluate_trained_policy(*, stage: str, name: str, out: Any, step: int, model_cfg: models.ModelConfig, policy: Any,
                             reference: Any, tokenizer: Any, prompts: Sequence[Any], run_out: str, model_args: Any,
                             reward_model: str | None, sample_args: Any, gold: bool, seed: int, mesh=None,
-                            rules=None) -> dict:
+                            rules=None, reference_memo: dict | None = None) -> dict:
     """The end-of-training evaluation of an offline policy stage (DPO family, KTO): :func:`evaluate_policy`
     on ``prompts``, judged by ``reward_model`` (or ``<run_out>/rm/hf`` when it exists) and, with ``gold``, the
-    gold scorer; logged at ``step`` in ``out``'s metrics, written to ``out/samples.md`` and printed."""
+    gold scorer; logged at ``step`` in ``out``'s metrics, written to ``out/samples.md`` and printed.
+    ``reference_memo``: as in :func:`evaluate_policy` (the run's earlier evaluations of the same reference)."""
     from rlhf_jax.logging import MetricsLogger
 
     reward = find_reward_model(stage, run_out, reward_model, model_args, tokenizer)
     ev = evaluate_policy(model_cfg, policy, reference, tokenizer, prompts, seed=seed, sample_args=sample_args,
-                         reward=reward, gold=gold, mesh=mesh, rules=rules)
+                         reward=reward, gold=gold, mesh=mesh, rules=rules, reference_memo=reference_memo)
     table = comparison_table(ev, policy=name, reference="SFT")
     with MetricsLogger(out, stage=stage) as logger:  # appended after the training loop's entries
         logger.log(step, scalars(ev), print_keys=PRINT_KEYS)

@@ -23,14 +23,16 @@ def embedded_model_dir() -> pathlib.Path:
     return embedded.embedded_dir()
 
 
-def load_lm(args: ModelArgs, key: jax.Array | None = None) -> tuple[models.ModelConfig, Any, Any]:
-    """``(cfg, params, tokenizer)`` from ``args.path``, or a randomly initialised embedded model."""
+def load_lm(args: ModelArgs, key: jax.Array | None = None, *, init: bool = True) -> tuple[models.ModelConfig, Any, Any]:
+    """``(cfg, params, tokenizer)`` from ``args.path``, or a randomly initialised embedded model (``params`` is
+    None when ``init`` is False: a caller that initialises straight into its shards skips the host copy)."""
     overrides = dict(compute_dtype=DTYPES[args.compute_dtype], remat=args.remat, logits_chunk=args.logits_chunk)
     if args.path is None:
         path = embedded_model_dir()
         cfg = models.ModelConfig.from_hf_config(json.loads((path / "config.json").read_text()))
         cfg = dataclasses.replace(cfg, **overrides)
-        params = models.init_params(cfg, key if key is not None else jax.random.key(0), dtype=DTYPES[args.dtype])
+        params = (models.init_params(cfg, key if key is not None else jax.random.key(0), dtype=DTYPES[args.dtype])
+                  if init else None)
     else:
         path = pathlib.Path(args.path)
         cfg, params = models.load_pretrained(path, dtype=DTYPES[args.dtype])

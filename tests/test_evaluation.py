@@ -277,3 +277,32 @@ def test_few_prompts_decode_in_a_smaller_batch_with_the_same_samples():
     r8 = rollouts[0]
     np.testing.assert_array_equal(np.asarray(r8.response_ids_BR)[:5], np.asarray(r64.response_ids_BR)[:5])
     np.testing.assert_allclose(np.asarray(r8.logps_BR)[:5], np.asarray(r64.logps_BR)[:5], atol=1e-6)
+
+
+def test_a_reference_memo_samples_the_reference_once_and_changes_no_figure(monkeypatch):
+    """Three evaluations of one run (a frozen reference, the same prompts and seed) with a ``reference_memo`` sample
+    the reference once, and give exactly the figures of evaluations without it."""
+    import jax
+
+    from rlhf_jax import model_io, models
+
+    model_cfg, params, tokenizer = model_io.load_lm(cli.ModelArgs(), jax.random.key(0))
+    ref_params = models.init_params(model_cfg, jax.random.key(1))
+    prompts = ["the cat sat", "a red ball is", "tell me about dogs"]
+    sample_args = cli.SampleArgs(max_prompt_len=16, max_new_tokens=6, batch_size=64)
+    calls = []
+    sample_model = evaluation.sample_model
+    monkeypatch.setattr(evaluation, "sample_model", lambda cfg, p, *a, **k: calls.append(p) or sample_model(cfg, p, *a, **k))
+
+    def run(policy, memo):
+        return evaluation.evaluate_policy(model_cfg, policy, ref_params, tokenizer, prompts, seed=5,
+                                          sample_args=sample_args, reference_memo=memo)
+
+    memo: dict = {}
+    policies = [params, models.init_params(model_cfg, jax.random.key(2)), params]
+    with_memo = [run(p, memo) for p in policies]
+    assert sum(c is ref_params for c in calls) == 1 and len(calls) == 4
+    without = [run(p, None) for p in policies]
+    assert sum(c is ref_params for c in calls) == 4
+    assert with_memo == without
+    assert with_memo[0]["samples"] != with_memo[1]["samples"]  # the policies differ, the reference is shared

@@ -316,6 +316,7 @@ def reference_of(ctx: Context, state: TrainState) -> Any:
 def make_evaluate(ctx: Context, name: str) -> Callable[[TrainState], dict]:
     """Held-out evaluation (rlhf_jax.evaluation): RM score when there is a reward model, gold on the embedded default."""
     cfg = ctx.cfg
+    memo: dict = {}  # the frozen reference's samples and scores, sampled at the first evaluation only
 
     def evaluate(state: TrainState) -> dict:
         if not ctx.eval_prompts:
@@ -324,7 +325,7 @@ def make_evaluate(ctx: Context, name: str) -> Callable[[TrainState], dict]:
         return evaluation.evaluate_policy(ctx.model_cfg, ctx.trainable.lm(state), reference_of(ctx, state),
                                           ctx.tokenizer, ctx.eval_prompts, seed=cfg.run.seed + 1000,
                                           sample_args=cfg.sample, gold=cfg.data.path is None, mesh=ctx.mesh,
-                                          rules=ctx.rules, reward=reward)
+                                          rules=ctx.rules, reward=reward, reference_memo=memo)
     return evaluate
 
 
