@@ -51,3 +51,21 @@ def sft_dir(tmp_path_factory) -> pathlib.Path:
                 raise AssertionError(f"sft.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                                      f"{proc.stderr[-5000:]}")
     return out / "sft" / "hf"
+
+
+LONGEST_FIRST = [
+    "test_experiments.py", "test_smollm2_scripts.py", "test_experiments_scripts.py", "test_overoptimise_preset.py",
+    "test_feedback_kinds.py", "test_steps.py", "test_fused_logps.py", "test_notebook_ppo_anatomy.py",
+    "test_feedback_web.py", "test_rollout.py", "test_notebook_preference_ablation.py", "test_lora.py", "test_gguf.py",
+    "test_feedback_load.py", "test_custom_policy_loss.py", "test_reward_normalisation.py",
+    "test_notebook_overoptimisation.py", "test_notebook_custom_loss.py",
+]
+"""Test files by their time in the suite's ``--durations`` (longest first; the rest follow in collection order).
+``pytest -n 2 --dist loadfile`` (with ``--no-loadscope-reorder`` from pyproject.toml) hands files to the workers
+in this order, so the long ones start early instead of ending the run on one worker while the other idles.
+test_overoptimise_preset.py waits for the pipeline models test_experiments.py builds first."""
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
