@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from rlhf_jax import checkpoint, sharding
+from rlhf_jax import checkpoint, memory, sharding
 from rlhf_jax.cli import DataArgs, RunArgs, learning_rate, stage_dir
 from rlhf_jax.configs import CheckpointConfig, OptimizerConfig
 from rlhf_jax.data import BatchIterator
@@ -68,7 +68,8 @@ def train_loop(*, stage: str, run: RunArgs, state: TrainState, step_fn: Callable
     last_eval: dict[str, float] = {}
     pending: Metrics = {}
     t0, tokens = time.perf_counter(), 0
-    with MetricsLogger(out, stage=stage, resume_from=start) as logger:
+    # one compiled step run many times: reuse its block of temporaries (memory.reusing_freed_host_memory)
+    with MetricsLogger(out, stage=stage, resume_from=start) as logger, memory.reusing_freed_host_memory():
         for step in tqdm(range(start + 1, num_steps + 1), desc=stage, initial=start, total=num_steps,
                          disable=jax.process_index() != 0, leave=False):
             host_batch = next(batches)

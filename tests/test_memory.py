@@ -1,5 +1,10 @@
-"""Per-stage peak memory: the high-water mark is reset at the start of each block."""
+"""Per-stage peak memory: the high-water mark is reset at the start of each block; host memory reuse."""
+import os
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 
 from rlhf_jax import memory
 
@@ -51,10 +56,51 @@ def test_release_freed_host_memory_returns_freed_heap_pages():
 
     Run in a fresh interpreter: in a worker whose heap earlier tests have grown and fragmented, the chunks land
     in holes whose pages are shared with live data, and the trim can return only part of them."""
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-c", _TRIM_PROBE], capture_output=True, text=True, check=True).stdout
     before, after, released = out.split()
     assert released == "True"
     assert int(before) - int(after) > 100 * 2**20, (before, after)
+
+
+_STEP_PROBE = """
+import resource, sys, tempfile
+from rlhf_jax import memory, runtime
+runtime.setup(tempfile.mkdtemp())  # as cli.setup does, before any computation
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x, w1, w2: jnp.tanh(x @ w1) @ w2)  # one 64 MiB block of temporaries per run
+x, w1, w2 = jnp.ones((4096, 16)), jnp.full((16, 4096), 1e-3), jnp.ones((4096, 16))
+assert f.lower(x, w1, w2).compile().memory_analysis().temp_size_in_bytes >= 64 * 2**20
+
+def faults(runs=4):
+    counts = []
+    for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        out = jax.block_until_ready(f(x, w1, w2))
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return min(counts[1:]), float(out.sum())
+
+with memory.reusing_freed_host_memory() as ok:
+    inside, result = faults()
+after, _ = faults()
+print(ok, inside, after, result)
+"""
+
+
+@pytest.mark.skipif(not (os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else None),
+                    reason="glibc's allocator only")
+def test_the_train_loop_reuses_a_steps_temporaries():
+    """After runtime.setup on CPU, inside memory.reusing_freed_host_memory (the train loop's), the block of
+    temporaries XLA allocates at every run of a compiled step is reused by the next run instead of being mapped
+    and faulted in afresh, as it is after the block and with RLHF_JAX_HOST_MALLOC=system (glibc's default: one
+    fault per page at every run). Same result either way. Fresh interpreters: the dispatch setting must come first."""
+    def probe(**env):
+        out = subprocess.run([sys.executable, "-c", _STEP_PROBE], capture_output=True, text=True, check=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu", **env}).stdout.split()
+        return out[0] == "True", int(out[1]), int(out[2]), float(out[3])
+
+    ok, inside, after, result = probe()
+    off, inside_system, _, result_system = probe(RLHF_JAX_HOST_MALLOC="system")
+    assert ok and not off
+    assert inside < 1024, (inside, after, inside_system)  # the block is 16,384 pages of 4 KiB
+    assert after > inside and inside_system > inside, (inside, after, inside_system)
+    assert result == result_system
