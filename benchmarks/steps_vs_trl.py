@@ -42,21 +42,25 @@ TRL's from ``training_step`` to ``zero_grad`` (CPU torch is synchronous). Each s
 too (CPU / wall ~ 1: one core busy). Threads: TRL on ``--trl-threads`` (1; 0 = torch's default, one per core)
 torch threads; XLA on its defaults, which on this CPU keep about one core busy per step.
 
-Memory allocator (``--malloc``): XLA:CPU allocates each step's temporaries as one block (141 MiB for the tiny
-reward-model step, 1.5 GiB for SmolLM2's) that glibc maps fresh and unmaps every step, so the kernel faults in and
-zeroes every page of it again: 36k minor faults per tiny RM step, 378k per SmolLM2 RM step. ``--malloc hugetlb`` reruns
-the benchmark, both sides, under ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc then asks for transparent huge pages
-on the blocks it maps: ~400 faults per step, the same peak RSS). Tunables are read at process start, so a library cannot
-set this for its own process; it is a setting of the environment that runs the scripts.
+Host memory: XLA:CPU allocates the temporaries of each run of a step as one block (141 MiB for the tiny
+reward-model step, 1.4 GiB for SmolLM2's); with glibc's defaults that block is mapped afresh and unmapped at every
+step, and the kernel faults in and zeroes each of its pages again (36k minor faults per tiny RM step).
+``rlhf_jax.runtime.setup`` (which ``cli.setup`` calls, as here) runs CPU computations on the calling thread and
+``trainer.train_loop`` runs its steps inside ``memory.reusing_freed_host_memory``, which keeps the block in the heap
+for reuse; the SFT / RM / DPO steps here run inside it too (the GRPO iteration, like the RL loop, does not).
+``RLHF_JAX_HOST_MALLOC=system`` measures rlhf_jax without either. ``--malloc
+hugetlb`` reruns the benchmark, both sides, under ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc then asks for
+transparent huge pages on the blocks it maps), a setting of the environment that helps any process, TRL's included.
 
 Output: a Markdown table (median ms per step [min-max], ratio TRL / rlhf_jax of the medians, > 1: rlhf_jax faster;
 for GRPO the split) and ``benchmarks/results/steps_vs_trl_<date>.json`` with every step's time, the load average
-before and after, torch's thread count and the versions. The default run (both models, every work) takes about
-10 minutes on this project's 2-core machine.
+before and after, torch's thread count and the versions. The default run (tiny: every work; SmolLM2: SFT, RM, DPO) took
+5-6 minutes on this project's 2-core machine at load 5-6 (2026-12-07; results in ``benchmarks/results/``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -79,6 +83,7 @@ import numpy as np
 from rlhf_jax import (
     cli,
     kl,
+    memory,
     model_io,
     models,
     rewards,
@@ -257,6 +262,13 @@ class JaxWork:
         self.host_batch = batch
         self.state, self.step_fn = state, step
         self.batch = sharding.shard_batch(batch, self.mesh, self.rules)
+        # what trainer.train_loop runs its steps in (the RL loop does not: each program runs once per iteration)
+        self.reuse = contextlib.ExitStack()
+        self.reuse.enter_context(memory.reusing_freed_host_memory())
+
+    def close(self) -> None:
+        if hasattr(self, "reuse"):
+            self.reuse.close()
 
     def _build_grpo(self, params, axes, optimizer, spec):
         cfg, mesh, rules = self.cfg, self.mesh, self.rules
@@ -409,6 +421,7 @@ def run_work(work: str, model: str, spec: dict, path: pathlib.Path, rows: dict, 
         order = ("trl", "rlhf_jax") if r % 2 == 0 else ("rlhf_jax", "trl")
         for who in order:
             timed[who] += side.steps(n) if who == "rlhf_jax" else trl("steps", n=n)["steps"]
+    side.close()
     del side
     trl("drop")
     ms = {who: summary([1e3 * s["s"] for s in v]) for who, v in timed.items()}
@@ -436,9 +449,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--works", nargs="+", choices=list(WORKS),
                         help="default: every work on tiny, sft rm dpo on smollm2 (DEFAULT_WORKS)")
     parser.add_argument("--malloc", default="system", choices=["system", "hugetlb"],
-                        help="hugetlb: rerun this benchmark (both sides) with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, "
-                             "so glibc asks for transparent huge pages on the large blocks it maps (XLA's per-step "
-                             "temporary buffer): ~500x fewer page faults per step")
+                        help="hugetlb: rerun this benchmark (both sides) under GLIBC_TUNABLES=glibc.malloc.hugetlb=1, "
+                             "so glibc asks for transparent huge pages on the large blocks it maps (fewer page faults "
+                             "on either side's large temporaries)")
     parser.add_argument("--rounds", type=int, help="rounds per work (default: per model, see MODELS)")
     parser.add_argument("--steps", type=int, help="steps per side per round (default: per model; GRPO: always 1)")
     parser.add_argument("--trl-python", default="/tmp/trlvenv/bin/python")
@@ -488,7 +501,8 @@ def main(argv: list[str] | None = None) -> dict:
     load_after = os.getloadavg()
     elapsed = time.perf_counter() - t_bench
     versions = {"jax": jax.__version__, "trl_side": trl.versions}
-    malloc = os.environ.get("GLIBC_TUNABLES") or "glibc defaults"
+    host = os.environ.get("RLHF_JAX_HOST_MALLOC", "reuse")
+    malloc = f"rlhf_jax host memory {host}, GLIBC_TUNABLES {os.environ.get('GLIBC_TUNABLES') or 'unset'}"
     print(f"\n## Per step: rlhf_jax vs TRL {trl.versions['trl']} (same weights, same tokens, fp32, AdamW)\n")
     print(f"{started.date()}, commit {commit}{' (+ uncommitted edits)' if dirty else ''}; jax {jax.__version__}, "
           f"torch {trl.versions['torch']} ({trl.versions['threads']} thread(s)), transformers "
@@ -528,6 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
               "models": MODELS, "optim": OPTIM, "versions": versions,
               "load_average": {"before": load_before, "after": load_after}, "wall_s": elapsed,
               "torch_threads": trl.versions["threads"], "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+              "rlhf_jax_host_malloc": host,
               "cpu_over_wall_median": cpu, "table": table}
     path = pathlib.Path(args.json) if args.json else HERE / "results" / f"steps_vs_trl_{started.date()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
