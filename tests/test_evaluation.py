@@ -292,7 +292,11 @@ def test_a_reference_memo_samples_the_reference_once_and_changes_no_figure(monke
     sample_args = cli.SampleArgs(max_prompt_len=16, max_new_tokens=6, batch_size=64)
     calls = []
     sample_model = evaluation.sample_model
-    monkeypatch.setattr(evaluation, "sample_model", lambda cfg, p, *a, **k: calls.append(p) or sample_model(cfg, p, *a, **k))
+
+    def counted(cfg, p, *a, **k):
+        calls.append(p)
+        return sample_model(cfg, p, *a, **k)
+    monkeypatch.setattr(evaluation, "sample_model", counted)
 
     def run(policy, memo):
         return evaluation.evaluate_policy(model_cfg, policy, ref_params, tokenizer, prompts, seed=5,
