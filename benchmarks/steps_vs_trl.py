@@ -278,7 +278,7 @@ class JaxWork:
                                        frozen={"reference": params}, frozen_axes={"reference": axes}, donate=True)
         state_sh = shardings_of(self.state)
         score = make_score_step(cfg, None, state_sh, mesh, rules, algo=algo, critic_cfg=None, rm_weight=0.0,
-                                missing_eos_penalty=None)
+                                missing_eos_penalty=None, single_update=True)  # no old log-probs, as TRL's
         update = make_update_step(cfg, optimizer, state_sh, mesh, rules, epochs=1, num_minibatches=1, algo=algo,
                                   critic_cfg=None, max_len=spec["new_tokens"])
         self.learner = loop.PolicyGradient(algo, score, update, mesh, rules)

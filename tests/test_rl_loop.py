@@ -4,10 +4,12 @@ reward model as a weighted sum per row, online DPO's pairs, reward-function load
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from rlhf_jax import models, rewards, rollout
 from rlhf_jax.configs import MeshConfig, OptimizerConfig
+from rlhf_jax.metrics import to_floats
 from rlhf_jax.objectives import reward_scores
 from rlhf_jax.rl import algorithms
 from rlhf_jax.rl.objective import policy_and_values
@@ -33,14 +35,14 @@ def setup():
     return mesh, jax.device_get(sample)
 
 
-def _state(mesh, with_reward: bool):
+def _state(mesh, with_reward: bool, optimizer=None):
     head = models.init_scalar_head(CFG, jax.random.key(21), 0.5)
     frozen = {"reference": models.init_params(CFG, jax.random.key(0))}
     frozen_axes = {"reference": AXES}
     if with_reward:
         frozen["reward"] = {"backbone": models.init_params(CFG, jax.random.key(20)), "head": head}
         frozen_axes["reward"] = {"backbone": AXES, "head": HEAD_AXES}
-    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=10))
+    optimizer = optimizer or make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=10))
     state = create_train_state(lambda: {"policy": models.init_params(CFG, jax.random.key(0))}, optimizer, mesh,
                                DEFAULT_RULES, {"policy": AXES}, frozen_init_fn=lambda: frozen, frozen_axes=frozen_axes)
     return state, optimizer
@@ -65,6 +67,41 @@ def test_grpo_state_and_steps_hold_and_compute_no_value(setup):
     ppo_score = make_score_step(CFG, CFG, shardings_of(new_state), mesh, DEFAULT_RULES, algo=algorithms.PRESETS["ppo"])
     with pytest.raises(ValueError, match="needs a critic"):
         ppo_score(new_state, sample, jnp.float32(0.1), *extras)
+
+
+def test_single_update_skips_the_policy_pass_and_trains_as_with_old_logps(setup):
+    """One update per rollout (1 epoch x 1 minibatch): scoring skips the policy's pass (TRL's GRPO with
+    num_iterations 1) and the update, reading its own detached log-probs as the old ones, moves the policy as the
+    update on scored old log-probs does, and logs the same rollout KL."""
+    mesh, sample = setup
+    algo = algorithms.PRESETS["grpo"]
+    B = sample.sequences_BT.shape[0]
+    extras = shard_batch((np.linspace(0.0, 1.0, B).astype(np.float32),), mesh, DEFAULT_RULES)
+    runs = {}
+    for single in (False, True):
+        # plain SGD: the update is the gradient itself (Adam's first step, about lr * sign(g), would magnify float
+        # noise in the near-zero gradients)
+        state, optimizer = _state(mesh, with_reward=True, optimizer=optax.sgd(1.0))
+        # a policy other than the reference, so that the rollout's KL is not zero
+        state = state.replace(params=jax.tree.map(lambda r, p: 0.8 * r + 0.2 * p, state.params,
+                                                  {"policy": models.init_params(CFG, jax.random.key(7))}))
+        start = jax.device_get(state.params)
+        score = make_score_step(CFG, CFG, shardings_of(state), mesh, DEFAULT_RULES, algo=algo, single_update=single)
+        batch, score_metrics = score(state, sample, jnp.float32(0.04), *extras)
+        assert (batch.old_logps_BT is None) == single
+        update = make_update_step(CFG, optimizer, shardings_of(state), mesh, DEFAULT_RULES, epochs=1,
+                                  num_minibatches=1, algo=algo, max_len=8)
+        new_state, train = update(state, batch, jax.random.key(1))
+        runs[single] = (jax.device_get(new_state.params), to_floats({**score_metrics, **train}))
+    (params_old, m_old), (params_new, m_new) = runs[False], runs[True]
+    assert m_old["rollout/kl"] > 1e-3 and set(m_new) == set(m_old)
+    for key in m_old:
+        np.testing.assert_allclose(m_new[key], m_old[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params_old), jax.tree.leaves(start))) > 1e-4
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params_new, params_old)
+    # PPO's scoring reads the policy's log-probs (KL in the reward) and a critic: it never skips the pass
+    ppo = algorithms.PRESETS["ppo"]
+    assert ppo.scoring_reads_policy_logps and not algo.scoring_reads_policy_logps
 
 
 def test_reward_function_and_reward_model_combine_as_a_weighted_sum_per_row(setup):

@@ -108,6 +108,12 @@ class Algorithm:
     def kl_in_loss(self) -> bool:
         return registry.KL_PLACEMENTS[self.kl_placement].in_loss
 
+    @property
+    def scoring_reads_policy_logps(self) -> bool:
+        """Scoring a rollout needs the sampling policy's log-probs beyond the update's ratio: for the KL in the
+        reward (the advantages read it) or for a critic's pass (values come from the same backbone pass)."""
+        return self.kl_in_reward or self.needs_critic
+
     def describe(self) -> str:
         kl = ("no KL" if not (self.kl_in_reward or self.kl_in_loss) else
               f"KL {self.kl_estimator} in the {self.kl_placement}, β {self.kl_coef:g}")

@@ -18,8 +18,8 @@ from typing import Callable
 import flax.struct
 import jax
 
-from rlhf_jax import kl, losses, models, registry
-from rlhf_jax.metrics import Metrics
+from rlhf_jax import kl, losses, models, ops, registry
+from rlhf_jax.metrics import Metric, Metrics
 from rlhf_jax.objectives import logps_and_entropy_from_hidden
 from rlhf_jax.rl.algorithms import Algorithm
 from rlhf_jax.train_state import Params
@@ -37,8 +37,10 @@ class RLBatch:
     response_mask_BT: jax.Array
     """float32, shifted: 1 at column t iff token t + 1 is a response token that trains (``Rollout.scored_mask_BT``,
     less DAPO's overlong-filtered rows and dynamic sampling's dropped groups)."""
-    old_logps_BT: jax.Array
-    """Log-probs of the response tokens under the policy that sampled them."""
+    old_logps_BT: jax.Array | None
+    """Log-probs of the response tokens under the policy that sampled them; None when the rollout trains one
+    update only and scoring skipped the policy's pass (:func:`rlhf_jax.rl.steps.score_rollout`'s
+    ``single_update``): the update's own log-probs, detached, are the old ones."""
     ref_logps_BT: jax.Array
     """Log-probs under the frozen reference (KL in the loss, KL metrics)."""
     advantages_BT: jax.Array
@@ -53,6 +55,15 @@ class RLBatch:
 
 PPOBatch = RLBatch
 """The name this batch had when PPO was the only method."""
+
+
+def rollout_kl_metrics(logps_BT: jax.Array, ref_logps_BT: jax.Array, mask_BT: jax.Array, *, algo: Algorithm
+                       ) -> Metrics:
+    """``rollout/kl``: the mean over sequences of ``Σ_t kl_t`` (``algo.kl_estimator``) of the sampling policy to the
+    reference on the response tokens; ``rollout/kl_k1``: the same with k1 = log π − log π_ref."""
+    kl_B = ops.masked_sum(kl.kl_penalty(logps_BT, ref_logps_BT, estimator=algo.kl_estimator), mask_BT, axis=-1)
+    k1_B = ops.masked_sum(kl.kl_k1(logps_BT, ref_logps_BT), mask_BT, axis=-1)
+    return {"rollout/kl": Metric.mean_of(kl_B), "rollout/kl_k1": Metric.mean_of(k1_B)}
 
 
 def policy_and_values(params: Params, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, *,
@@ -95,7 +106,12 @@ def rl_loss(logps_BT: jax.Array, entropy_BT: jax.Array, values_BT: jax.Array | N
         options["dual_clip"] = algo.dual_clip
     if policy_loss is None:
         policy_loss = registry.POLICY_LOSSES[algo.policy_loss]
-    loss, metrics = policy_loss(logps_BT, batch.old_logps_BT, batch.advantages_BT, mask_BT, **options)
+    old_logps_BT, rollout_metrics = batch.old_logps_BT, {}
+    if old_logps_BT is None:  # one update on this rollout: the sampling policy is the one differentiated here
+        old_logps_BT = jax.lax.stop_gradient(logps_BT)
+        rollout_metrics = rollout_kl_metrics(old_logps_BT, batch.ref_logps_BT, mask_BT, algo=algo)
+    loss, metrics = policy_loss(logps_BT, old_logps_BT, batch.advantages_BT, mask_BT, **options)
+    metrics = {**metrics, **rollout_metrics}
     if values_BT is not None:
         vf_loss, vf_metrics = losses.value_loss(values_BT, batch.old_values_BT, batch.returns_BT, mask_BT,
                                                 clip_range=algo.value_clip)

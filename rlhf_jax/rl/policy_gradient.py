@@ -69,7 +69,8 @@ def _main(cfg: RLConfig):
     view = ctx.trainable.view
     score_step = make_score_step(ctx.model_cfg, ctx.reward_cfg, state_sh, ctx.mesh, ctx.rules, view=view, algo=algo,
                                  critic_cfg=critic_cfg, rm_weight=ctx.rm_weight,
-                                 missing_eos_penalty=cfg.missing_eos_penalty)
+                                 missing_eos_penalty=cfg.missing_eos_penalty,
+                                 single_update=cfg.epochs * cfg.num_minibatches == 1)
     update_step = make_update_step(ctx.model_cfg, optimizer, state_sh, ctx.mesh, ctx.rules, epochs=cfg.epochs,
                                    num_minibatches=cfg.num_minibatches, view=view, algo=algo, critic_cfg=critic_cfg,
                                    max_len=cfg.sample.max_new_tokens)

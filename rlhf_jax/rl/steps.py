@@ -14,7 +14,7 @@ from rlhf_jax import advantages, ensemble, kl, losses, models, ops, registry
 from rlhf_jax.metrics import Metric, Metrics, sum_over_leading_axis
 from rlhf_jax.objectives import token_logps
 from rlhf_jax.rl.algorithms import Algorithm
-from rlhf_jax.rl.objective import RLBatch, policy_and_values, rl_objective
+from rlhf_jax.rl.objective import RLBatch, policy_and_values, rl_objective, rollout_kl_metrics
 from rlhf_jax.rollout import Rollout
 from rlhf_jax.sharding import Rules, batch_sharding, replicated, with_logical_constraint
 from rlhf_jax.steps import Step, _apply_objective
@@ -33,7 +33,7 @@ def combined_scores(rm_scores_B: jax.Array | None, function_scores_B: jax.Array,
 def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax.Array, function_scores_B: jax.Array,
                   *, model_cfg: models.ModelConfig, reward_cfg: models.ModelConfig | None, algo: Algorithm,
                   critic_cfg: models.ModelConfig | None = None, rm_weight: float = 1.0,
-                  missing_eos_penalty: float | None = None) -> tuple[RLBatch, Metrics]:
+                  missing_eos_penalty: float | None = None, single_update: bool = False) -> tuple[RLBatch, Metrics]:
     """Old log-probs, reference log-probs, values (with a critic), scores and advantages of a rollout; no gradients.
 
     Scores are :func:`combined_scores` (``frozen["reward"]`` when the run has a reward model, or a
@@ -41,10 +41,21 @@ def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax
     without EOS get ``missing_eos_penalty`` instead when it is set (lm-human-preferences: −1). The
     advantages come from ``registry.ADVANTAGES[algo.advantage]`` with β = ``kl_coef`` when the KL sits
     in the reward, 0 otherwise. With ``algo.overlong_filter`` the truncated responses leave the loss mask.
+
+    ``single_update``: the rollout trains exactly one update (1 epoch × 1 minibatch), so the policy that sampled
+    it is the one the update differentiates. When the scores need no policy log-probs either
+    (``not algo.scoring_reads_policy_logps``: no critic, no KL in the reward), the policy's pass is skipped here:
+    ``old_logps_BT`` is None and the update uses its own log-probs, detached (ratio exactly 1; TRL's GRPOTrainer
+    does the same with ``num_iterations=1``), and logs ``rollout/kl`` and ``rollout/kl_k1`` from them.
     """
     ids_BT, attention_BT = rollout.sequences_BT, rollout.attention_mask_BT
     mask_BT = rollout.scored_mask_BT
-    logps_BT, _, values_BT = policy_and_values(params, ids_BT, attention_BT, model_cfg=model_cfg, critic_cfg=critic_cfg)
+    skip_policy = single_update and not algo.scoring_reads_policy_logps and not algo.overlong_filter
+    if skip_policy:  # the update's own log-probs serve as the old ones; its KL metrics replace these
+        logps_BT, values_BT = None, None
+    else:
+        logps_BT, _, values_BT = policy_and_values(params, ids_BT, attention_BT, model_cfg=model_cfg,
+                                                   critic_cfg=critic_cfg)
     if algo.needs_critic and values_BT is None:
         raise ValueError(f"advantage {algo.advantage!r} needs a critic: params need a 'value_head' or a 'critic'")
     ref_logps_BT = token_logps(model_cfg, frozen["reference"], ids_BT, attention_BT)
@@ -54,7 +65,8 @@ def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax
     scores_B = combined_scores(rm_B, function_scores_B, rm_weight=rm_weight)
     if missing_eos_penalty is not None:
         scores_B = jnp.where(rollout.has_eos_B, scores_B, jnp.float32(missing_eos_penalty))
-    kl_BT = kl.kl_penalty(logps_BT, ref_logps_BT, estimator=algo.kl_estimator)
+    kl_BT = (jnp.zeros_like(ref_logps_BT) if skip_policy else  # only read through β = 0 below
+             kl.kl_penalty(logps_BT, ref_logps_BT, estimator=algo.kl_estimator))
     beta = kl_coef if algo.kl_in_reward else jnp.zeros_like(kl_coef)
     inputs = advantages.AdvantageInputs(scores_B=scores_B, kl_BT=kl_BT, mask_BT=mask_BT, values_BT=values_BT,
                                         num_samples=algo.samples_per_prompt)
@@ -67,12 +79,11 @@ def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax
         input_ids_BT=ids_BT, attention_mask_BT=attention_BT, response_mask_BT=train_mask_BT, old_logps_BT=logps_BT,
         ref_logps_BT=ref_logps_BT, advantages_BT=advantages_BT * train_mask_BT, scores_B=scores_B,
         old_values_BT=values_BT if algo.needs_critic else None, returns_BT=returns_BT if algo.needs_critic else None))
-    k1_B = ops.masked_sum(kl.kl_k1(logps_BT, ref_logps_BT), mask_BT, axis=-1)
+    metrics = {} if skip_policy else rollout_kl_metrics(logps_BT, ref_logps_BT, mask_BT, algo=algo)
     kl_B = ops.masked_sum(kl_BT, mask_BT, axis=-1)
     metrics = {
+        **metrics,
         "rollout/score": Metric.mean_of(scores_B),
-        "rollout/kl": Metric.mean_of(kl_B),
-        "rollout/kl_k1": Metric.mean_of(k1_B),
         "rollout/non_score_reward": Metric.mean_of(-beta * kl_B),
         "rollout/response_length": Metric.mean_of(jnp.sum(mask_BT, axis=-1)),
         "rollout/has_eos": Metric.mean_of(rollout.has_eos_B),
@@ -95,7 +106,8 @@ def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax
 def make_score_step(model_cfg: models.ModelConfig, reward_cfg: models.ModelConfig | None, state_shardings: TrainState,
                     mesh: Mesh, rules: Rules, *, view=None, **score_options) -> Step:
     """``(batch, metrics) = score(state, rollout, kl_coef, function_scores_B)``, jitted;
-    ``score_options`` go to :func:`score_rollout` (``algo``, ``critic_cfg``, ``rm_weight``, ``missing_eos_penalty``)."""
+    ``score_options`` go to :func:`score_rollout` (``algo``, ``critic_cfg``, ``rm_weight``, ``missing_eos_penalty``,
+    ``single_update``)."""
     def score(state: TrainState, rollout: Rollout, kl_coef: jax.Array, function_scores_B: jax.Array
               ) -> tuple[RLBatch, Metrics]:
         params, frozen = (state.params, state.frozen) if view is None else view(state.params, state.frozen)
