@@ -31,14 +31,15 @@ PIPELINE_ARGS = [
     "--ppo.iterations", "12", "--ppo.rollout-prompts", "32", "--ppo.eval-every", "4",
     "--ppo.optim.learning-rate", "1e-4",
     "--ppo.num-eval-prompts", "128", "--ppo.run.save-every", "6",
-    "--dpo.steps", "40", "--dpo.eval-every", "40", "--dpo.num-eval-prompts", "128",
-    "--dpo.data.num-train", "1280", "--dpo.data.num-eval", "128",
-    "--bon.n", "4", "--bon.num-eval-prompts", "128", "--bon.curve-n", "16", "--bon.curve-prompts", "32",
-    # the online methods: 32 responses per iteration as PPO, fewer iterations (their rows only need to exist here;
-    # the README's table runs them at PPO's full budget)
+    # DPO, best-of-n and the online methods at smaller budgets than PPO: their rows only need to exist here (the
+    # README's table runs them at PPO's full budget); best-of-n's KL is a closed form whatever the prompt count
+    "--dpo.steps", "24", "--dpo.eval-every", "24", "--dpo.num-eval-prompts", "48",
+    "--dpo.data.num-train", "768", "--dpo.data.num-eval", "64",
+    "--bon.n", "4", "--bon.num-eval-prompts", "48", "--bon.curve-n", "16", "--bon.curve-prompts", "32",
+    # the online methods: 32 responses per iteration as PPO, fewer iterations
     *[arg for stage, prompts in (("grpo", "8"), ("rloo", "8"), ("online-dpo", "16")) for arg in (
-        f"--{stage}.iterations", "6", f"--{stage}.rollout-prompts", prompts, f"--{stage}.eval-every", "6",
-        f"--{stage}.optim.learning-rate", "1e-4", f"--{stage}.num-eval-prompts", "64", f"--{stage}.epochs", "2")],
+        f"--{stage}.iterations", "4", f"--{stage}.rollout-prompts", prompts, f"--{stage}.eval-every", "4",
+        f"--{stage}.optim.learning-rate", "1e-4", f"--{stage}.num-eval-prompts", "32", f"--{stage}.epochs", "2")],
 ]
 
 
