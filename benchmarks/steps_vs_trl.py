@@ -24,8 +24,10 @@ The work (``--works``):
   forward), one optimizer step on all rows (rlhf_jax: 1 epoch x 1 minibatch; TRL: ``steps_per_generation =
   num_iterations = 1``). rlhf_jax runs its own RL loop's pieces: ``rl.loop.PolicyGradient`` with
   ``rl.steps.make_score_step`` / ``make_update_step`` and a jitted ``rollout.generate``, the draw of ``rl.loop.run``.
-  Split per side: generation, scoring (decode + reward function + log-probs / reference log-probs / advantages;
-  rlhf_jax also computes the old log-probs, which TRL skips when generation and update are aligned), update.
+  Split per side: generation, scoring (decode + reward function + reference log-probs / advantages; neither side
+  computes old log-probs: with one update per generation the update's own, detached, are the old ones; rlhf_jax's
+  ``make_score_step(..., single_update=True)``, which ``rl.policy_gradient`` sets for ``--epochs 1
+  --num-minibatches 1``), update.
 
 The models (``--models``): ``tiny``, the embedded default's Llama (hidden 128, 4 layers, vocabulary 1024; the
 random init ``experiments/sft.py`` starts from, exported once for TRL), SFT 8 rows x 96, RM / DPO 8 pairs x 96;
@@ -524,8 +526,8 @@ def main(argv: list[str] | None = None) -> dict:
               "(hence the different first-step loss).")
     grpo = [r for r in table if r["work"] == "grpo"]
     if grpo:
-        print("\nGRPO iteration, median ms: generation / scoring / update (rlhf_jax's scoring also computes the old "
-              "log-probs, which TRL skips when it updates once per generation)\n")
+        print("\nGRPO iteration, median ms: generation / scoring / update (one update per generation: neither side "
+              "computes old log-probs)\n")
         print("| model | rlhf_jax | TRL | new tokens per row (rlhf_jax, TRL) | prompt tokens |\n|---|---|---|---|---|")
         for r in grpo:
             s = r["split_ms"]
