@@ -29,6 +29,7 @@ single-threaded torch loses nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -116,20 +117,30 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, help="default: the preset's")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    parser.add_argument("--json", help="also write the results (per mode: every run's seconds, medians, ratio) here")
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
     print(f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, jax devices {jax.device_count()}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; jax {jax.__version__}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
+    results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average": {"start": os.getloadavg()},
+               "versions": {"jax": jax.__version__, "torch": torch.__version__,
+                            "transformers": transformers.__version__},
+               "torch_threads": torch.get_num_threads(), "jax_devices": jax.device_count(), "presets": {}}
     for preset in PRESETS if args.preset == "all" else [args.preset]:
         batch, prompt_len, new_tokens = PRESETS[preset]
         run_args = argparse.Namespace(**{**vars(args), "batch": args.batch or batch,
                                          "prompt_len": args.prompt_len or prompt_len,
                                          "new_tokens": args.new_tokens or new_tokens})
-        compare_preset(preset, run_args)
+        results["presets"][preset] = compare_preset(preset, run_args)
+    results["load_average"]["end"] = os.getloadavg()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
-def compare_preset(preset: str, args) -> None:
+def compare_preset(preset: str, args) -> dict:
+    """Prints the preset's table; returns {"shape": ..., "modes": {mode: seconds per run and medians}, ...}."""
     config = model_config(preset, args)
     with tempfile.TemporaryDirectory() as ckpt:
         hf_model = write_checkpoint(ckpt, config)
@@ -148,6 +159,8 @@ def compare_preset(preset: str, args) -> None:
           f"{config.intermediate_size}, heads {config.num_attention_heads} / {config.num_key_value_heads} KV, vocab "
           f"{config.vocab_size}; batch {args.batch}, prompt {args.prompt_len} (left-padded), {R} new tokens; "
           f"load average {os.getloadavg()[0]:.2f}")
+    out = {"shape": {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size,
+                     "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": R}, "modes": {}}
     print("| mode | rlhf_jax tok/s | transformers tok/s | speed-up | rlhf_jax compile s |")
     print("|---|---|---|---|---|", flush=True)
     for name, (temperature, top_k, top_p) in MODES.items():
@@ -172,6 +185,9 @@ def compare_preset(preset: str, args) -> None:
         ours_med, theirs_med = statistics.median(ours_s), statistics.median(theirs_s)
         print(f"| {name} | {new_tokens / ours_med:,.0f} | {new_tokens / theirs_med:,.0f} | "
               f"{theirs_med / ours_med:.1f}x | {first - ours_med:.1f} |", flush=True)
+        out["modes"][name] = {"rlhf_jax_s": ours_s, "transformers_s": theirs_s, "rlhf_jax_median_s": ours_med,
+                              "transformers_median_s": theirs_med, "ratio": theirs_med / ours_med,
+                              "rlhf_jax_compile_s": first - ours_med}
 
     greedy = rollout.generate(cfg, params, ids_in, mask_in, key=jax.random.key(0), max_new_tokens=R, temperature=0.0)
     with torch.inference_mode():
@@ -180,6 +196,8 @@ def compare_preset(preset: str, args) -> None:
     same = np.asarray(greedy.response_ids_BR) == hf_greedy[:, args.prompt_len:].numpy()
     print(f"greedy tokens identical to transformers: {same.mean():.1%} "
           f"(rows fully identical: {same.all(axis=1).sum()}/{args.batch}); load average now {os.getloadavg()[0]:.2f}")
+    out["greedy_identical_fraction"] = float(same.mean())
+    return out
 
 
 if __name__ == "__main__":
