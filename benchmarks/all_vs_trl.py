@@ -119,7 +119,7 @@ def rows(record: dict) -> list[dict]:
             for mode in ("cold", "warm"):
                 ratio = r[f"ratio_{mode}"]
                 out.append({"kind": f"30-step script run, {mode}", "model": MODEL_NAMES["tiny"],
-                            "work": WORK_NAMES[r["stage"]].replace(" step", ""), "unit": "s",
+                            "work": {"sft": "SFT", "rm": "reward model", "dpo": "DPO"}[r["stage"]], "unit": "s",
                             "rlhf_jax": r["wall"][f"rlhf_{mode}"]["median"], "other": r["wall"]["trl_all"]["median"],
                             "other_name": "TRL", "ratio": ratio["of_medians"],
                             "spread": [ratio["paired_min"], ratio["paired_max"]], "source": "e2e"})
@@ -163,7 +163,9 @@ def write_readme(record: dict, json_path: pathlib.Path) -> None:
         raise SystemExit(f"{readme}: no {BEGIN!r} ... {END!r} block to replace")
     source = f"From `{json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}`: "
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    readme.write_text(text[:start] + "\n" + source + table(record) + text[end:])
+    indent = text[text.rindex("\n", 0, text.index(BEGIN)) + 1:text.index(BEGIN)]  # the markers' own indentation
+    body = "".join(f"{indent}{line}".rstrip() + "\n" for line in (source + table(record)).splitlines())
+    readme.write_text(text[:start] + "\n" + body + indent + text[end:])
     print(f"[all] README.md table rewritten from {json_path}")
 
 
