@@ -80,7 +80,9 @@ def test_pipeline_resumes_after_kill_during_ppo(base_run, tmp_path):
     out = tmp_path / "run"
     for stage in ("sft", "rm"):
         shutil.copytree(base_run / stage, out / stage)
+    # 16 prompts per iteration, half the pipeline tests' PPO: what is checked is where the run resumes
     args = ["--out", str(out), "--resume", *PIPELINE_ARGS, "--ppo.iterations", "8", "--ppo.run.save-every", "2",
+            "--ppo.rollout-prompts", "16",
             "--ppo.eval-every", "8", "--ppo.num-eval-prompts", "16", "--skip-dpo", "--skip-best-of-n", "--skip-online", "--rounds", "1"]
     proc = subprocess.Popen([sys.executable, str(EXPERIMENTS / "pipeline.py"), *args], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
