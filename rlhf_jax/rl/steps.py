@@ -44,13 +44,16 @@ def score_rollout(params: Params, frozen: Params, rollout: Rollout, kl_coef: jax
 
     ``single_update``: the rollout trains exactly one update (1 epoch × 1 minibatch), so the policy that sampled
     it is the one the update differentiates. When the scores need no policy log-probs either
-    (``not algo.scoring_reads_policy_logps``: no critic, no KL in the reward), the policy's pass is skipped here:
+    (``not algo.scoring_reads_policy_logps``: no critic, no KL in the reward) and no rows leave the loss mask (no
+    overlong filter, no dynamic sampling), the policy's pass is skipped here:
     ``old_logps_BT`` is None and the update uses its own log-probs, detached (ratio exactly 1; TRL's GRPOTrainer
     does the same with ``num_iterations=1``), and logs ``rollout/kl`` and ``rollout/kl_k1`` from them.
     """
     ids_BT, attention_BT = rollout.sequences_BT, rollout.attention_mask_BT
     mask_BT = rollout.scored_mask_BT
-    skip_policy = single_update and not algo.scoring_reads_policy_logps and not algo.overlong_filter
+    # the update's KL metrics read its loss mask: equal to the scored mask unless rows left it (DAPO's filters)
+    skip_policy = (single_update and not algo.scoring_reads_policy_logps and not algo.overlong_filter
+                   and not algo.dynamic_sampling)
     if skip_policy:  # the update's own log-probs serve as the old ones; its KL metrics replace these
         logps_BT, values_BT = None, None
     else:
